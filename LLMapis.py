@@ -1,0 +1,196 @@
+"""The model server: loads the model once, speaks the OpenAI chat-completions protocol, runs
+template tasks.
+
+    python LLMapis.py --model PATH --port 8001
+
+The port is bound first and the model loaded after, so /health answers 503 "loading" until the
+model is ready. Internal: the gateway (serveapi.py) is the public face."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Iterator
+
+from flask import Flask, Response, jsonify, request
+
+from chatglm4 import config as cfg
+from chatglm4 import errors, sse
+from chatglm4.constrain import SchemaError
+from chatglm4.engine import EngineBusy, EngineError, GenerationStream
+from chatglm4.metrics import Metrics
+from chatglm4.modelload import ModelLoadError, default_served_name
+from chatglm4.prompts import TemplateError
+from chatglm4.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
+                               ModelCard, ModelList, Usage, completion_id, now)
+from LLMkernel import Kernel, RequestTooLong, TaskNotFound
+
+log = logging.getLogger("LLMapis")
+
+
+class ServerState:
+    """What the routes need; `kernel` is None until the model has loaded."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.kernel: Kernel | None = None
+        self.load_error: str | None = None
+        self.created = now()
+
+    def require_kernel(self) -> Kernel:
+        if self.kernel is None:
+            if self.load_error:
+                raise errors.Unavailable(f"the model failed to load: {self.load_error}", retry_after=60)
+            raise errors.Unavailable("the model is loading", retry_after=5, code="loading")
+        return self.kernel
+
+
+def create_app(state: ServerState) -> Flask:
+    """The model server's Flask app around `state` (whose kernel may arrive later)."""
+    app = Flask(__name__)
+    app.json.ensure_ascii = False
+    errors.install(app)
+    metrics = Metrics("chatglm4_model_server")
+    metrics.install(app)
+    metrics.gauge("chatglm4_waiting_requests", "requests queued for the engine").set_function(
+        lambda: state.kernel.engine.waiting if state.kernel else 0)
+    metrics.gauge("chatglm4_running_requests", "requests being generated").set_function(
+        lambda: state.kernel.engine.running if state.kernel else 0)
+    metrics.gauge("chatglm4_generated_tokens", "tokens generated since start").set_function(
+        lambda: state.kernel.engine.tokens_generated if state.kernel else 0)
+
+    def start(chat: ChatCompletionRequest) -> GenerationStream:
+        kernel = state.require_kernel()
+        try:
+            return kernel.chat(chat)
+        except RequestTooLong as exc:
+            raise errors.BadRequest(str(exc), code="context_length_exceeded") from None
+        except SchemaError as exc:
+            raise errors.BadRequest(str(exc)) from None
+        except EngineBusy as exc:
+            raise errors.Unavailable(str(exc), retry_after=1, code="queue_full") from None
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        chat = ChatCompletionRequest.model_validate(errors.json_body(request))
+        stream = start(chat)
+        cid, created = completion_id(), now()
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return Response(_cancel_on_close(stream, sse.chat_chunks(
+                stream, id=cid, created=created, model=state.model_name, include_usage=include_usage)),
+                mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+        try:
+            result = stream.collect()
+        except EngineError as exc:
+            raise errors.APIError(f"generation failed: {exc}") from None
+        finally:
+            stream.cancel()
+        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                      total_tokens=result.prompt_tokens + result.completion_tokens)
+        body = ChatCompletionResponse(id=cid, created=created, model=state.model_name, usage=usage,
+                                      choices=[Choice(message=AssistantMessage(content=result.text),
+                                                      finish_reason=result.finish_reason)])
+        return jsonify(body.model_dump())
+
+    @app.get("/v1/models")
+    def models():
+        card = ModelCard(id=state.model_name, created=state.created)
+        return jsonify(ModelList(data=[card]).model_dump())
+
+    @app.post("/tasks/<name>")
+    def task(name: str):
+        kernel = state.require_kernel()
+        body = errors.json_body(request)
+        try:
+            return jsonify(kernel.run_task(name, body))
+        except TaskNotFound as exc:
+            raise errors.NotFound(str(exc)) from None
+        except RequestTooLong as exc:
+            raise errors.BadRequest(str(exc), code="context_length_exceeded") from None
+        except EngineBusy as exc:
+            raise errors.Unavailable(str(exc), retry_after=1, code="queue_full") from None
+        except EngineError as exc:
+            raise errors.APIError(f"generation failed: {exc}") from None
+        except TemplateError as exc:
+            log.error("task %s: %s", name, exc)
+            raise errors.APIError(f"task {name} is misconfigured") from None
+
+    @app.get("/health")
+    def health():
+        if state.kernel is None:
+            status = "unavailable" if state.load_error else "loading"
+            resp = jsonify({"status": status, "detail": {"model": state.model_name, "error": state.load_error}})
+            resp.status_code = 503
+            resp.headers["Retry-After"] = "5"
+            return resp
+        engine = state.kernel.engine
+        return jsonify({"status": "ok", "detail": {"model": state.model_name, "context_length": engine.context_length,
+                                                   "waiting": engine.waiting, "running": engine.running}})
+
+    return app
+
+
+def _cancel_on_close(stream: GenerationStream, frames: Iterator[bytes]) -> Iterator[bytes]:
+    """Relays frames; a client that goes away cancels its generation (the WSGI server closes us)."""
+    try:
+        yield from frames
+    finally:
+        stream.cancel()
+
+
+def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
+    from chatglm4 import modelload
+    from chatglm4.engine import LocalEngine
+
+    loaded = modelload.load(config.model, dtype=config.dtype, max_memory=config.max_memory,
+                            max_context=config.max_context)
+    engine = LocalEngine(loaded, max_waiting=config.max_waiting)
+    log.info("model %s ready on %s, context %d tokens, stop ids %s", loaded.name,
+             modelload.describe_device(loaded), loaded.context_length, loaded.stop_token_ids)
+    return Kernel(engine, default_max_tokens=config.default_max_tokens,
+                  default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
+
+
+def serve(config: cfg.ModelServerConfig, state: ServerState, kernel_factory: Any = load_kernel) -> None:
+    """Binds the port, loads the model in the background, serves until interrupted."""
+    import waitress
+
+    # send_bytes=1: waitress otherwise buffers ~18 KB before sending, which stalls SSE streams.
+    server = waitress.create_server(create_app(state), host=config.host, port=config.port,
+                                    threads=config.threads, send_bytes=1, channel_request_lookahead=1,
+                                    ident="chatglm4-model-server")
+
+    def _load() -> None:
+        try:
+            state.kernel = kernel_factory(config)
+        except ModelLoadError as exc:
+            state.load_error = str(exc)
+            log.error("model not loaded: %s", exc)
+
+    threading.Thread(target=_load, name="model-loader", daemon=True).start()
+    log.info("model server listening on http://%s:%s", config.host, server.effective_port)
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = cfg.load(cfg.ModelServerConfig, argv, description=__doc__.split("\n")[0])
+    except cfg.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    state = ServerState(config.served_model_name or default_served_name(config.model))
+    try:
+        serve(config, state)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The tasks: chat, and template tasks (a template from templates/, generation constrained by a JSON
+schema, parsing, checking the answer against the given data).
+
+A template task is data: a request model, a way to choose what the prompt shows, two templates,
+an output schema and a function from parsed output to answer. Adding one means adding an entry to
+TASKS; the servers route /tasks/<name> to whatever is registered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from chatglm4 import book_task
+from chatglm4.conversation import ContextOverflow, fit_conversation
+from chatglm4.engine import GenerationStream, Piece
+from chatglm4.prompts import render
+from chatglm4.protocol import BookSearchTaskRequest, ChatCompletionRequest, Usage
+from chatglm4.sampling import SamplingParams
+
+
+class TaskNotFound(LookupError):
+    pass
+
+
+class RequestTooLong(ValueError):
+    """The prompt cannot fit the model's context."""
+
+
+@dataclass(frozen=True)
+class TemplateTask:
+    name: str
+    request_model: type[BaseModel]
+    system_template: str
+    user_template: str
+    # (request, candidate limit) -> the template's variables; "items" are what the model chooses among
+    prepare: Callable[[Any, int], dict]
+    # variables -> JSON schema of the answer, or None when there is nothing to ask the model
+    schema: Callable[[dict], dict | None]
+    # variables -> a token budget big enough for any valid answer
+    max_tokens: Callable[[dict], int]
+    # (raw model text, variables) -> the answer's fields
+    finish: Callable[[str, dict], dict]
+
+
+def _book_prepare(request: BookSearchTaskRequest, limit: int) -> dict:
+    books = book_task.narrow(request, limit)
+    return {"query": request.query, "books": books, "ids": [b["id"] for b in books]}
+
+
+TASKS: dict[str, TemplateTask] = {
+    "book_search": TemplateTask(
+        name="book_search",
+        request_model=BookSearchTaskRequest,
+        system_template="book_search.system.j2",
+        user_template="book_search.user.j2",
+        prepare=_book_prepare,
+        schema=lambda v: book_task.ids_schema(v["ids"]) if v["ids"] else None,
+        max_tokens=lambda v: book_task.max_answer_tokens(v["ids"]),
+        finish=lambda text, v: {"ids": book_task.parse_ids(text, v["ids"])},
+    ),
+}
+
+
+class Kernel:
+    """Chat and template tasks over one engine."""
+
+    def __init__(self, engine: Any, *, default_max_tokens: int = 512, default_temperature: float = 0.7,
+                 candidate_limit: int = 8):
+        self.engine = engine
+        self.default_max_tokens = default_max_tokens
+        self.default_temperature = default_temperature
+        self.candidate_limit = candidate_limit
+
+    # ------------------------------------------------------------ chat
+
+    def chat(self, request: ChatCompletionRequest) -> GenerationStream:
+        """Starts generating a reply; the oldest turns are dropped if the conversation is too long."""
+        context = self.engine.context_length
+        asked = request.requested_max_tokens()
+        if asked is not None and asked >= context:
+            raise RequestTooLong(f"max_tokens {asked} must be below the model's context of {context} tokens")
+        reserve = asked or min(self.default_max_tokens, context // 4)
+        messages = [m.model_dump() for m in request.messages]
+        try:
+            _, prompt_ids = fit_conversation(messages, self.engine.encode_chat, context - reserve)
+        except ContextOverflow as exc:
+            raise RequestTooLong(str(exc)) from None
+        params = SamplingParams(
+            max_tokens=asked or min(self.default_max_tokens, context - len(prompt_ids)),
+            temperature=self.default_temperature if request.temperature is None else request.temperature,
+            top_p=request.top_p,
+            stop=request.stop,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens,
+            grammar=self._grammar(request),
+        )
+        return self.engine.generate(prompt_ids, params)
+
+    def _grammar(self, request: ChatCompletionRequest) -> Any:
+        fmt = request.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
+        return self.engine.compile_json_schema(schema)
+
+    # ------------------------------------------------------------ template tasks
+
+    def run_task(self, name: str, body: dict) -> dict:
+        """Validates `body` for task `name`, runs it, and returns its answer with usage."""
+        task = TASKS.get(name)
+        if task is None:
+            raise TaskNotFound(f"no task named {name!r}; known: {', '.join(sorted(TASKS))}")
+        request = task.request_model.model_validate(body)
+        variables = task.prepare(request, self.candidate_limit)
+        schema = task.schema(variables)
+        if schema is None:
+            return {**task.finish("", variables), "usage": Usage(prompt_tokens=0, completion_tokens=0,
+                                                                   total_tokens=0).model_dump()}
+        messages = [
+            {"role": "system", "content": render(task.system_template, **variables)},
+            {"role": "user", "content": render(task.user_template, **variables)},
+        ]
+        prompt_ids = self.engine.encode_chat(messages)
+        max_tokens = task.max_tokens(variables)
+        if len(prompt_ids) + max_tokens > self.engine.context_length:
+            raise RequestTooLong(f"the {name} prompt needs {len(prompt_ids)} tokens, over the context")
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                grammar=self.engine.compile_json_schema(schema))
+        result: Piece = self.engine.generate(prompt_ids, params).collect()
+        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                      total_tokens=result.prompt_tokens + result.completion_tokens)
+        return {**task.finish(result.text, variables), "usage": usage.model_dump()}

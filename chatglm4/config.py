@@ -1,0 +1,136 @@
+"""Every setting of both servers, declared once as data: its flag, its environment variable, its
+default and one line of help. Command line over environment over default; values are validated
+before anything heavy (the model, the database) is touched."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, TypeVar
+
+
+def setting(default: Any, env: str | None, help: str, *, flag: str | None = None) -> Any:
+    """A dataclass field carrying its environment variable and help line."""
+    return field(default=default, metadata={"env": env, "help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class ModelServerConfig:
+    model: str | None = setting(None, "MODEL", "local model folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    host: str = setting("127.0.0.1", "MODEL_SERVER_HOST", "address to bind")
+    port: int = setting(8001, "MODEL_SERVER_PORT", "port to bind")
+    dtype: str = setting("auto", "DTYPE", "auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    max_memory: str | None = setting(None, "MAX_MEMORY", "per-device memory cap for device_map=auto, e.g. '0=20GiB,1=22GiB,cpu=0'")
+    max_context: int = setting(0, "MAX_CONTEXT", "context length in tokens; 0 = the model's own")
+    default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", "max_tokens when a request names none")
+    default_temperature: float = setting(0.7, "DEFAULT_TEMPERATURE", "temperature when a request names none")
+    max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for the engine; past that, 503 at once")
+    search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books a template task may show the model after retrieval")
+    served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")
+    threads: int = setting(16, "MODEL_SERVER_THREADS", "HTTP worker threads")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = setting("127.0.0.1", "GATEWAY_HOST", "address to bind")
+    port: int = setting(8000, "GATEWAY_PORT", "port to bind")
+    model_server: str = setting("http://127.0.0.1:8001", "MODEL_SERVER_URL", "model server URL, or several separated by commas")
+    database_url: str = setting("sqlite:///data/catalogue.db", "DATABASE_URL", "SQLAlchemy URL of the catalogue (MySQL: mysql+pymysql://user:pass@host:3306/glm4)")
+    api_keys: str | None = setting(None, "API_KEYS", "comma-separated keys; when set, the API requires 'Authorization: Bearer KEY'")
+    upstream_timeout: float = setting(120.0, "UPSTREAM_TIMEOUT", "seconds to wait for a model server's answer before a 503")
+    connect_timeout: float = setting(2.0, "UPSTREAM_CONNECT_TIMEOUT", "seconds to wait for a model server connection")
+    max_body_bytes: int = setting(2 * 1024 * 1024, "MAX_BODY_BYTES", "largest request body accepted (413 above)")
+    rate_limit: str | None = setting(None, "RATE_LIMIT", "per-client limit on API calls, e.g. '60/minute'; unset = none")
+    search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books retrieval hands to the model per search")
+    threads: int = setting(32, "GATEWAY_THREADS", "HTTP worker threads")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work."""
+
+
+C = TypeVar("C")
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{f.name}: {raw!r} is not a number") from None
+    return raw
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per setting of `cls`, help showing env and default."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        env = f.metadata.get("env")
+        parser.add_argument(
+            _flag(f), dest=f.name, default=None, metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (env {env}; default {f.default!r})",
+        )
+    return parser
+
+
+def load(cls: type[C], argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         description: str = "") -> C:
+    """The settings of `cls` from the command line, then the environment, then defaults; validated."""
+    environ = os.environ if environ is None else environ
+    args = build_parser(cls, description).parse_args(argv)
+    values = {}
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f.name)
+        if raw is None and f.metadata.get("env"):
+            raw = environ.get(f.metadata["env"]) or None
+        values[f.name] = f.default if raw is None else _convert(f, raw)
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Any) -> None:
+    """Raises ConfigError naming the first setting whose value cannot work."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "port" and not 0 <= value <= 65535:
+            raise ConfigError(f"port {value} is out of range")
+        if f.name in ("threads", "default_max_tokens", "search_candidates", "max_waiting", "max_body_bytes") and value < 1:
+            raise ConfigError(f"{f.name} must be at least 1")
+        if f.name in ("upstream_timeout", "connect_timeout") and value <= 0:
+            raise ConfigError(f"{f.name} must be positive")
+        if f.name == "max_context" and value < 0:
+            raise ConfigError("max_context must be 0 (the model's) or positive")
+    if isinstance(config, ModelServerConfig):
+        if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype {config.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if config.model and not os.path.exists(config.model):
+            raise ConfigError(f"model path {config.model!r} does not exist (download it with download.py)")
+    if isinstance(config, GatewayConfig):
+        if not model_server_urls(config):
+            raise ConfigError("model_server: give at least one URL")
+        for url in model_server_urls(config):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"model server URL {url!r} must start with http:// or https://")
+
+
+def model_server_urls(config: GatewayConfig) -> list[str]:
+    return [u.strip().rstrip("/") for u in config.model_server.split(",") if u.strip()]
+
+
+def api_keys(config: GatewayConfig) -> list[str]:
+    return [k.strip() for k in (config.api_keys or "").split(",") if k.strip()]
+
+
+def settings_table(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(flag, env, default, help) rows, for the README and its drift test."""
+    return [(_flag(f), f.metadata.get("env") or "", f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]

@@ -1,0 +1,133 @@
+"""One error shape for both servers: `{"error": {"message", "type"}}` with the right status.
+
+Code raises an `APIError` subclass by name; `install(app)` maps those, pydantic's validation errors,
+malformed JSON and werkzeug's HTTP errors to that shape. The one broad catch is the process edge
+(`_internal`), which logs the traceback and answers 500 without detail."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.code = code
+
+
+class BadRequest(APIError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status, type = 401, "authentication_error"
+
+
+class NotFound(APIError):
+    status, type = 404, "not_found_error"
+
+
+class InvalidFields(APIError):
+    status, type = 422, "invalid_request_error"
+
+
+class TooManyRequests(APIError):
+    status, type = 429, "rate_limit_error"
+
+
+class Unavailable(APIError):
+    """The model server, the engine's queue or the database cannot take this request now."""
+
+    status, type = 503, "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None):
+        super().__init__(message, retry_after=retry_after, code=code)
+
+
+# werkzeug's statuses, named the way OpenAI-style clients expect.
+_HTTP_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    405: "method_not_allowed", 413: "request_too_large", 415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(message: str, type_: str, code: str | None = None) -> dict:
+    body = {"message": message, "type": type_}
+    if code:
+        body["code"] = code
+    return {"error": body}
+
+
+def error_response(status: int, message: str, type_: str, *, retry_after: int | None = None,
+                   code: str | None = None) -> Response:
+    resp = Response(json.dumps(error_body(message, type_, code), ensure_ascii=False), status=status,
+                    mimetype="application/json")
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
+    return resp
+
+
+def describe_validation(err: ValidationError) -> str:
+    """pydantic's errors as one readable line: 'messages.0.role: Input should be ...; ...'."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def install(app: Flask) -> None:
+    """Registers the handlers that turn every failure into the one JSON error shape."""
+
+    @app.errorhandler(APIError)
+    def _api(err: APIError):
+        return error_response(err.status, err.message, err.type, retry_after=err.retry_after, code=err.code)
+
+    @app.errorhandler(ValidationError)
+    def _invalid(err: ValidationError):
+        return error_response(422, describe_validation(err), "invalid_request_error")
+
+    @app.errorhandler(HTTPException)
+    def _http(err: HTTPException):
+        status = err.code or 500
+        message = err.description or err.name
+        if status == 413:
+            message = "request body is too large"
+        resp = error_response(status, message, _HTTP_TYPES.get(status, "http_error"))
+        if status == 405 and err.get_response().headers.get("Allow"):
+            resp.headers["Allow"] = err.get_response().headers["Allow"]
+        if status == 429:
+            resp.headers["Retry-After"] = "60"
+        return resp
+
+    @app.errorhandler(Exception)
+    def _internal(err: Exception):  # the process edge: anything unforeseen is logged, not leaked
+        log.exception("unhandled error: %s", err)
+        return error_response(500, "internal server error", "internal_error")
+
+
+def json_body(request) -> dict:
+    """The request's JSON object, or BadRequest saying why not."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise BadRequest("request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body

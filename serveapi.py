@@ -1,0 +1,245 @@
+"""The public gateway: validation, auth, rate limits, the catalogue, the web page, and routing to
+the model server(s).
+
+    python serveapi.py --port 8000 --model-server http://127.0.0.1:8001[,URL...]
+
+The catalogue routes keep working while the model servers are away; everything that needs a model
+answers 503 with Retry-After within a bounded time instead of hanging."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+from typing import Iterator
+
+import requests
+from flask import Flask, Response, jsonify, render_template, request
+
+from chatglm4 import config as cfg
+from chatglm4 import errors, sse
+from chatglm4.booksearch import BookSearch
+from chatglm4.catalogue import Catalogue, CatalogueUnavailable, load_seed_titles
+from chatglm4.metrics import Metrics
+from chatglm4.openapi import Route, build
+from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest, ApiChatResponse,
+                               BookListQuery, BookListResponse, BookSearchRequest, BookSearchResponse,
+                               ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ModelList)
+from chatglm4.upstream import ModelServerPool
+
+log = logging.getLogger("serveapi")
+
+VERSION = "0.1.0"
+
+ROUTES = [
+    Route("GET", "/", "the web page", auth=False, content_type="text/html"),
+    Route("POST", "/v1/chat/completions", "OpenAI chat completion (stream true or false)",
+          ChatCompletionRequest, ChatCompletionResponse, streams=True),
+    Route("GET", "/v1/models", "OpenAI model list", response=ModelList),
+    Route("POST", "/api/chat", "chat in the original demo's shape", ApiChatRequest, ApiChatResponse, streams=True),
+    Route("POST", "/api/books/search", "book search over the catalogue", BookSearchRequest, BookSearchResponse),
+    Route("GET", "/api/books", "a page of the catalogue", response=BookListResponse, query=BookListQuery),
+    Route("POST", "/api/books", "add books", AddBooksRequest, AddBooksResponse),
+    Route("DELETE", "/api/books/{id}", "delete a book"),
+    Route("GET", "/health", "state of the model server(s) and the database", response=HealthResponse, auth=False),
+    Route("GET", "/metrics", "Prometheus metrics", auth=False, content_type="text/plain"),
+    Route("GET", "/openapi.json", "this description", auth=False),
+]
+
+
+def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
+               pool: ModelServerPool | None = None) -> Flask:
+    """The gateway app; the catalogue and the model-server pool come from `config` unless given."""
+    app = Flask(__name__, template_folder="templates", static_folder="static")
+    app.json.ensure_ascii = False
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    errors.install(app)
+    Metrics("chatglm4_gateway").install(app)
+
+    catalogue = catalogue or Catalogue(config.database_url, seed_titles=load_seed_titles())
+    pool = pool or ModelServerPool(cfg.model_server_urls(config), connect_timeout=config.connect_timeout,
+                                   read_timeout=config.upstream_timeout)
+    search = BookSearch(catalogue, pool, candidates=config.search_candidates)
+    keys = cfg.api_keys(config)
+    schema = {"ready": False}
+    spec = build(ROUTES, "ChatGLM4 Web", VERSION)
+
+    def ensure_schema() -> None:
+        # The database may be down at start; the schema is created at the first request that finds it up.
+        if not schema["ready"]:
+            catalogue.init_schema()
+            schema["ready"] = True
+
+    try:
+        ensure_schema()
+    except CatalogueUnavailable as exc:
+        log.warning("catalogue not ready yet: %s", exc)
+
+    @app.errorhandler(CatalogueUnavailable)
+    def _db_down(exc: CatalogueUnavailable):
+        return errors.error_response(503, f"the catalogue database is unavailable: {exc}", "service_unavailable",
+                                     retry_after=5)
+
+    if config.rate_limit:
+        from flask_limiter import Limiter
+
+        def client_key() -> str:
+            return request.headers.get("Authorization") or request.remote_addr or "anonymous"
+
+        limiter = Limiter(client_key, app=app, storage_uri="memory://", default_limits=[config.rate_limit],
+                          default_limits_exempt_when=lambda: not _is_api(request.path))
+        limiter.init_app(app)
+
+    @app.before_request
+    def _auth():
+        if not keys or not _is_api(request.path):
+            return None
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            raise errors.Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            raise errors.Unauthorized("invalid API key")
+        return None
+
+    # ------------------------------------------------------------ model routes
+
+    def relay_stream(payload: dict) -> Response:
+        upstream = pool.request("POST", "/v1/chat/completions", json=payload, stream=True)
+        return Response(_relay(upstream), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        chat = ChatCompletionRequest.model_validate(errors.json_body(request))
+        payload = chat.model_dump(exclude_none=True, by_alias=True)
+        if chat.stream:
+            return relay_stream(payload)
+        resp = pool.request("POST", "/v1/chat/completions", json=payload)
+        return Response(resp.content, status=resp.status_code, mimetype="application/json")
+
+    @app.get("/v1/models")
+    def models():
+        resp = pool.request("GET", "/v1/models", read_timeout=10)
+        return Response(resp.content, status=resp.status_code, mimetype="application/json")
+
+    @app.post("/api/chat")
+    def api_chat():
+        body = ApiChatRequest.model_validate(errors.json_body(request))
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+            [m.model_dump() for m in body.history] + [{"role": "user", "content": body.prompt}]
+        chat = ChatCompletionRequest.model_validate({
+            "messages": messages, "stream": body.stream, "max_tokens": body.max_tokens,
+            "temperature": body.temperature, "stream_options": {"include_usage": True} if body.stream else None})
+        payload = chat.model_dump(exclude_none=True, by_alias=True)
+        if body.stream:
+            return relay_stream(payload)
+        answer = ChatCompletionResponse.model_validate(pool.request("POST", "/v1/chat/completions", json=payload).json())
+        return jsonify(ApiChatResponse(respond=answer.choices[0].message.content, usage=answer.usage).model_dump())
+
+    @app.post("/api/books/search")
+    def books_search():
+        body = BookSearchRequest.model_validate(errors.json_body(request))
+        ensure_schema()
+        result = search.search(body.query)
+        return jsonify(BookSearchResponse(books=[b.to_dict() for b in result.books], message=result.message).model_dump())
+
+    # ------------------------------------------------------------ catalogue routes
+
+    @app.get("/api/books")
+    def books_list():
+        query = BookListQuery.model_validate(request.args.to_dict())
+        ensure_schema()
+        books, total = catalogue.list(query.offset, query.limit)
+        return jsonify(BookListResponse(books=[b.to_dict() for b in books], total=total,
+                                        offset=query.offset, limit=query.limit).model_dump())
+
+    @app.post("/api/books")
+    def books_add():
+        body = AddBooksRequest.model_validate(errors.json_body(request))
+        ensure_schema()
+        added = catalogue.add(body.titles)
+        return jsonify(AddBooksResponse(books=[b.to_dict() for b in added]).model_dump()), 201
+
+    @app.delete("/api/books/<int:book_id>")
+    def books_delete(book_id: int):
+        ensure_schema()
+        if not catalogue.delete(book_id):
+            raise errors.NotFound(f"no book with id {book_id}")
+        return Response(status=204)
+
+    # ------------------------------------------------------------ operations
+
+    @app.get("/health")
+    def health():
+        servers = pool.health()
+        try:
+            catalogue.ping()
+            db = {"ok": True, "backend": catalogue.backend}
+        except CatalogueUnavailable as exc:
+            db = {"ok": False, "backend": catalogue.backend, "reason": str(exc)}
+        ok = db["ok"] and any(s["ok"] for s in servers.values())
+        body = HealthResponse(status="ok" if ok else "unavailable",
+                              detail={"database": db, "model_servers": servers})
+        resp = jsonify(body.model_dump())
+        if not ok:
+            resp.status_code = 503
+            resp.headers["Retry-After"] = "5"
+        return resp
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(spec)
+
+    @app.get("/")
+    def page():
+        return render_template("index.html", auth_required=bool(keys))
+
+    app.extensions["chatglm4"] = {"catalogue": catalogue, "pool": pool, "search": search}
+    return app
+
+
+def _is_api(path: str) -> bool:
+    return path.startswith(("/v1/", "/api/"))
+
+
+def _relay(upstream: requests.Response) -> Iterator[bytes]:
+    """Model-server SSE bytes as they arrive; closing the client's side closes the upstream too."""
+    try:
+        for chunk in upstream.iter_content(chunk_size=None):
+            yield chunk
+    except requests.RequestException as exc:
+        log.warning("stream from model server broke: %s", exc)
+        yield sse.event(errors.error_body("the model server stopped answering", "service_unavailable"))
+        yield sse.DONE
+    finally:
+        upstream.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = cfg.load(cfg.GatewayConfig, argv, description=__doc__.split("\n")[0])
+    except cfg.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    import waitress
+
+    app = create_app(config)
+    try:
+        # send_bytes=1: waitress otherwise buffers ~18 KB before sending, which stalls SSE streams.
+        server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
+                                        send_bytes=1, channel_request_lookahead=1, ident="chatglm4-gateway")
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    log.info("gateway listening on http://%s:%s (model servers: %s; catalogue: %s)", config.host,
+             server.effective_port, ", ".join(cfg.model_server_urls(config)), app.extensions["chatglm4"]["catalogue"].backend)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

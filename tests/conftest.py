@@ -48,14 +48,24 @@ class ServerThread:
         import waitress
 
         self.port = port or free_port()
-        self.server = waitress.create_server(app, host="127.0.0.1", port=self.port, threads=16, send_bytes=1,
-                                             channel_request_lookahead=1)
+        # Each server gets its own socket map: waitress's default map is process-global, and two
+        # loops serving one map interleave their writes.
+        self.map: dict = {}
+        self.server = waitress.create_server(app, map=self.map, host="127.0.0.1", port=self.port, threads=16,
+                                             send_bytes=1, channel_request_lookahead=1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.close()
+        """Closes the listener and every open connection, as a process exit would."""
+
+        def close_all() -> None:  # runs inside the server's own loop, so select never sees a closed fd
+            for channel in list(self.map.values()):
+                channel.close()
+
+        self.server.trigger.pull_trigger(close_all)
+        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +93,8 @@ def model_server(kernel):
 
 
 def gateway_config(model_url: str, db_url: str, **overrides) -> cfg.GatewayConfig:
-    return cfg.GatewayConfig(model_server=model_url, database_url=db_url, upstream_timeout=60,
-                             connect_timeout=1, **overrides)
+    settings = {"upstream_timeout": 60.0, "connect_timeout": 1.0, **overrides}
+    return cfg.GatewayConfig(model_server=model_url, database_url=db_url, **settings)
 
 
 @pytest.fixture(scope="session")

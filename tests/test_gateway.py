@@ -1,0 +1,318 @@
+"""The gateway over real HTTP, in front of the real model server: every route, every error status,
+the model server going away and coming back, injection through every string field, MySQL."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+import requests
+
+from chatglm4.catalogue import Catalogue, load_seed_titles
+from conftest import EVAL_DIR, ServerThread, free_port, gateway_config, wait_healthy
+
+SEED_TITLES = load_seed_titles()
+
+
+def new_gateway(model_url: str, tmp_path, **overrides) -> ServerThread:
+    from serveapi import create_app
+
+    db = overrides.pop("database_url", f"sqlite:///{tmp_path}/catalogue-{free_port()}.db")
+    return ServerThread(create_app(gateway_config(model_url, db, **overrides)))
+
+
+def assert_error(r: requests.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    return err
+
+
+# ---------------------------------------------------------------- routes
+
+
+def test_api_chat_answers_in_the_demo_shape(gateway):
+    r = requests.post(gateway.url + "/api/chat", json={"prompt": "Hello!", "max_tokens": 16}, timeout=60)
+    assert r.status_code == 200
+    body = r.json()
+    assert isinstance(body["respond"], str) and body["respond"]
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_api_chat_with_history_and_stream(gateway):
+    body = {"prompt": "And what is 3+3?", "stream": True, "max_tokens": 12,
+            "history": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+    with requests.post(gateway.url + "/api/chat", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        frames = [l[6:] for l in r.iter_lines() if l.startswith(b"data: ")]
+    assert frames[-1] == b"[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_openai_sdk_through_the_gateway(gateway):
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert client.models.list().data[0].id == "SmolLM2-135M-Instruct"
+    kwargs = dict(model="any", messages=[{"role": "user", "content": "Name a fruit."}], temperature=0, max_tokens=16)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert whole and streamed == whole
+
+
+def eval_cases() -> list[dict]:
+    path = EVAL_DIR / "book_queries.jsonl"
+    if not path.exists():
+        pytest.skip("../shared/eval is not beside this checkout")
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def test_book_search_is_valid_and_grounded_on_the_eval(gateway, output_dir):
+    catalogue = {i: t for i, t in enumerate(SEED_TITLES, start=1)}
+    record = []
+    for case in eval_cases():
+        started = time.perf_counter()
+        r = requests.post(gateway.url + "/api/books/search", json={"query": case["query"]}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"books", "message"} and isinstance(body["message"], str)
+        for book in body["books"]:
+            assert set(book) == {"id", "title"} and catalogue[book["id"]] == book["title"]
+        ids = [b["id"] for b in body["books"]]
+        if not ids:
+            assert body["message"] == "书籍不存在"
+        if not case["relevant"]:
+            assert ids == []
+        hit = bool(set(ids) & set(case.get("must_include_one_of", []))) if case["relevant"] else ids == []
+        record.append({"query": case["query"], "ids": ids, "hit": hit,
+                       "seconds": round(time.perf_counter() - started, 2)})
+    (output_dir / "relevance_gateway.json").write_text(json.dumps(record, ensure_ascii=False, indent=1))
+
+
+def test_catalogue_crud(gateway):
+    url = gateway.url + "/api/books"
+    page = requests.get(url, params={"offset": 20, "limit": 3}, timeout=10).json()
+    assert page["offset"] == 20 and page["limit"] == 3 and len(page["books"]) == 3 and page["total"] >= 25
+    r = requests.post(url, json={"titles": ["烹饪的艺术：家常菜谱", "  Python 编程入门  "]}, timeout=10)
+    assert r.status_code == 201
+    added = r.json()["books"]
+    assert [b["title"] for b in added] == ["烹饪的艺术：家常菜谱", "Python 编程入门"]
+    again = requests.post(url, json={"titles": ["烹饪的艺术：家常菜谱"]}, timeout=10).json()["books"]
+    assert again[0]["id"] == added[0]["id"]  # adding an existing title keeps its id
+    found = requests.post(gateway.url + "/api/books/search", json={"query": "有没有关于烹饪的书"}, timeout=120).json()
+    assert added[0]["id"] in [b["id"] for b in found["books"]]
+    for book in added:
+        assert requests.delete(f"{url}/{book['id']}", timeout=10).status_code == 204
+    assert_error(requests.delete(f"{url}/{added[0]['id']}", timeout=10), 404)
+    gone = requests.post(gateway.url + "/api/books/search", json={"query": "有没有关于烹饪的书"}, timeout=120).json()
+    assert gone == {"books": [], "message": "书籍不存在"}
+
+
+def test_search_over_10000_titles(model_server, tmp_path):
+    gw = new_gateway(model_server.url, tmp_path)
+    try:
+        wait_healthy(gw.url)
+        titles = [f"{SEED_TITLES[i % 25]}（第{i}版）" for i in range(10000)]
+        r = requests.post(gw.url + "/api/books", json={"titles": titles}, timeout=120)
+        assert r.status_code == 201
+        total = requests.get(gw.url + "/api/books", params={"limit": 1}, timeout=10).json()["total"]
+        assert total == 10025
+        r = requests.post(gw.url + "/api/books/search", json={"query": "我想学法语"}, timeout=120)
+        assert r.status_code == 200, r.text
+        books = r.json()["books"]
+        assert len(books) <= 8
+        assert all("法" in b["title"] for b in books)
+    finally:
+        gw.stop()
+
+
+def test_health_metrics_openapi(gateway):
+    from serveapi import ROUTES
+
+    health = requests.get(gateway.url + "/health", timeout=10)
+    assert health.status_code == 200
+    detail = health.json()["detail"]
+    assert detail["database"]["ok"] and all(s["ok"] for s in detail["model_servers"].values())
+    metrics = requests.get(gateway.url + "/metrics", timeout=10)
+    assert metrics.status_code == 200 and "chatglm4_gateway_requests_total" in metrics.text
+    spec = requests.get(gateway.url + "/openapi.json", timeout=10).json()
+    assert spec["openapi"].startswith("3.")
+    for route in ROUTES:
+        assert route.method.lower() in spec["paths"][route.path]
+    page = requests.get(gateway.url + "/", timeout=10)
+    assert page.status_code == 200 and "ChatGLM4 Web" in page.text
+
+
+# ---------------------------------------------------------------- every error status
+
+
+@pytest.mark.parametrize("method, path, kwargs, status", [
+    ("POST", "/api/chat", {"data": "not json"}, 400),
+    ("POST", "/api/chat", {"json": ["a", "list"]}, 400),
+    ("POST", "/api/chat", {"data": b""}, 400),
+    ("POST", "/api/books/search", {"data": b"\xff\xfe{"}, 400),
+    ("GET", "/no/such/route", {}, 404),
+    ("DELETE", "/api/books/abc", {}, 404),
+    ("PUT", "/api/books", {"json": {}}, 405),
+    ("GET", "/api/books/search", {}, 405),
+    ("POST", "/api/books", {"data": b"x" * (3 * 1024 * 1024)}, 413),
+    ("POST", "/api/chat", {"json": {"prompt": ""}}, 422),
+    ("POST", "/api/chat", {"json": {"prompt": "hi", "history": [{"role": "robot", "content": "x"}]}}, 422),
+    ("POST", "/api/chat", {"json": {"prompt": "hi", "temperature": -1}}, 422),
+    ("POST", "/api/books/search", {"json": {"query": "   "}}, 422),
+    ("POST", "/api/books/search", {"json": {"query": 42}}, 422),
+    ("POST", "/api/books/search", {"json": {}}, 422),
+    ("POST", "/api/books", {"json": {"titles": []}}, 422),
+    ("POST", "/api/books", {"json": {"titles": ["x" * 256]}}, 422),
+    ("GET", "/api/books", {"params": {"limit": "abc"}}, 422),
+    ("GET", "/api/books", {"params": {"offset": "-1"}}, 422),
+    ("POST", "/v1/chat/completions", {"json": {"messages": []}}, 422),
+    ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "top_p": 0}}, 422),
+])
+def test_bad_input_gets_its_status(gateway, method, path, kwargs, status):
+    assert_error(requests.request(method, gateway.url + path, timeout=30, **kwargs), status)
+
+
+def test_api_keys(model_server, tmp_path):
+    gw = new_gateway(model_server.url, tmp_path, api_keys="k1,k2")
+    try:
+        wait_healthy(gw.url)
+        url = gw.url + "/api/books"
+        assert_error(requests.get(url, timeout=10), 401)
+        assert_error(requests.get(url, headers={"Authorization": "Bearer nope"}, timeout=10), 401)
+        assert_error(requests.get(url, headers={"Authorization": "Basic k1"}, timeout=10), 401)
+        assert requests.get(url, headers={"Authorization": "Bearer k2"}, timeout=10).status_code == 200
+        # the page, health and the description stay public
+        for path in ("/", "/health", "/openapi.json"):
+            assert requests.get(gw.url + path, timeout=10).status_code == 200
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="k1", max_retries=0, timeout=60)
+        assert client.models.list().data
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=gw.url + "/v1", api_key="bad", max_retries=0).models.list()
+    finally:
+        gw.stop()
+
+
+def test_rate_limit_is_a_429(model_server, tmp_path):
+    gw = new_gateway(model_server.url, tmp_path, rate_limit="3/minute")
+    try:
+        wait_healthy(gw.url)
+        codes = [requests.get(gw.url + "/api/books", timeout=10).status_code for _ in range(4)]
+        assert codes[:3] == [200, 200, 200]
+        r = requests.get(gw.url + "/api/books", timeout=10)
+        assert_error(r, 429)
+        assert r.headers["Retry-After"]
+        assert requests.get(gw.url + "/health", timeout=10).status_code == 200  # not limited
+    finally:
+        gw.stop()
+
+
+def test_model_server_down_then_back(kernel, tmp_path):
+    from LLMapis import ServerState, create_app
+
+    state = ServerState("SmolLM2-135M-Instruct")
+    state.kernel = kernel
+    port = free_port()
+    ms = ServerThread(create_app(state), port=port)
+    gw = new_gateway(ms.url, tmp_path)
+    try:
+        wait_healthy(gw.url)
+        ms.stop()
+        for path, body in (("/api/chat", {"prompt": "hi"}), ("/api/books/search", {"query": "我想学法语"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            started = time.monotonic()
+            r = requests.post(gw.url + path, json=body, timeout=30)
+            assert_error(r, 503)
+            assert int(r.headers["Retry-After"]) > 0
+            assert time.monotonic() - started < 10
+        assert_error(requests.get(gw.url + "/v1/models", timeout=30), 503)
+        assert requests.get(gw.url + "/health", timeout=30).status_code == 503
+        # the catalogue keeps working without a model
+        assert requests.get(gw.url + "/api/books", timeout=10).status_code == 200
+        ms = ServerThread(create_app(state), port=port)
+        wait_healthy(gw.url, timeout=30)
+        r = requests.post(gw.url + "/api/chat", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        ms.stop()
+        gw.stop()
+
+
+def test_slow_model_server_is_a_503_within_the_timeout(model_server, tmp_path):
+    gw = new_gateway(model_server.url, tmp_path, upstream_timeout=1.0)
+    try:
+        wait_healthy(gw.url)
+        started = time.monotonic()
+        r = requests.post(gw.url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 400, "ignore_eos": True})
+        assert_error(r, 503)
+        assert time.monotonic() - started < 5
+    finally:
+        gw.stop()
+
+
+def test_replicas_skip_a_dead_one(model_server, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = new_gateway(f"{dead},{model_server.url}", tmp_path)
+    try:
+        wait_healthy(gw.url)
+        for _ in range(3):
+            r = requests.post(gw.url + "/api/chat", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200
+    finally:
+        gw.stop()
+
+
+# ---------------------------------------------------------------- injection
+
+
+INJECTIONS = ["x'); DROP TABLE book; --", "' OR '1'='1", "\"; DELETE FROM book; --", "1; UPDATE book SET title='p'",
+              "%' UNION SELECT id, title FROM book --"]
+
+
+def test_sql_injection_through_every_string_field(gateway):
+    def snapshot():
+        return requests.get(gateway.url + "/api/books", params={"limit": 1000}, timeout=10).json()["books"]
+
+    before = snapshot()
+    for evil in INJECTIONS:
+        assert requests.post(gateway.url + "/api/books/search", json={"query": evil}, timeout=120).status_code == 200
+        assert requests.post(gateway.url + "/api/chat", json={"prompt": evil, "max_tokens": 2,
+                                                              "history": [{"role": "user", "content": evil}]},
+                             timeout=60).status_code == 200
+        assert requests.get(gateway.url + "/api/books", params={"offset": evil}, timeout=10).status_code == 422
+        assert requests.delete(gateway.url + "/api/books/" + requests.utils.quote(evil), timeout=10).status_code == 404
+    assert snapshot() == before
+    added = requests.post(gateway.url + "/api/books", json={"titles": INJECTIONS}, timeout=10).json()["books"]
+    assert [b["title"] for b in added] == INJECTIONS  # stored literally
+    after = snapshot()
+    assert after[:len(before)] == before
+    for book in added:
+        requests.delete(f"{gateway.url}/api/books/{book['id']}", timeout=10)
+    assert snapshot() == before
+
+
+# ---------------------------------------------------------------- MySQL
+
+
+def test_gateway_on_mysql(model_server, tmp_path, mysql_url):
+    gw = new_gateway(model_server.url, tmp_path, database_url=mysql_url)
+    try:
+        wait_healthy(gw.url)
+        assert requests.get(gw.url + "/health", timeout=10).json()["detail"]["database"]["backend"] == "mysql"
+        page = requests.get(gw.url + "/api/books", params={"limit": 25}, timeout=10).json()
+        assert [b["title"] for b in page["books"]] == SEED_TITLES and page["total"] == 25
+        assert [b["id"] for b in page["books"]] == list(range(1, 26))
+        r = requests.post(gw.url + "/api/books/search", json={"query": "帮我找找有关函数求导的书"}, timeout=120)
+        assert r.status_code == 200
+        assert all(SEED_TITLES[b["id"] - 1] == b["title"] for b in r.json()["books"])
+        added = requests.post(gw.url + "/api/books", json={"titles": INJECTIONS}, timeout=10).json()["books"]
+        assert [b["title"] for b in added] == INJECTIONS
+        assert Catalogue(mysql_url).list(0, 100)[1] == 25 + len(INJECTIONS)
+        assert requests.delete(f"{gw.url}/api/books/{added[0]['id']}", timeout=10).status_code == 204
+    finally:
+        gw.stop()

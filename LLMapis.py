@@ -75,6 +75,9 @@ def create_app(state: ServerState) -> Flask:
     def chat_completions():
         chat = ChatCompletionRequest.model_validate(errors.json_body(request))
         stream = start(chat)
+        # waitress keeps reading the socket while we generate (channel_request_lookahead), so it can
+        # tell us when the client has gone: its generation is then cancelled, streamed or not.
+        stream.client_gone = request.environ.get("waitress.client_disconnected")
         cid, created = completion_id(), now()
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -146,7 +149,7 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
 
     loaded = modelload.load(config.model, dtype=config.dtype, max_memory=config.max_memory,
                             max_context=config.max_context)
-    engine = LocalEngine(loaded, max_waiting=config.max_waiting)
+    engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch)
     log.info("model %s ready on %s, context %d tokens, stop ids %s", loaded.name,
              modelload.describe_device(loaded), loaded.context_length, loaded.stop_token_ids)
     return Kernel(engine, default_max_tokens=config.default_max_tokens,

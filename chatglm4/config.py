@@ -26,7 +26,8 @@ class ModelServerConfig:
     max_context: int = setting(0, "MAX_CONTEXT", "context length in tokens; 0 = the model's own")
     default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", "max_tokens when a request names none")
     default_temperature: float = setting(0.7, "DEFAULT_TEMPERATURE", "temperature when a request names none")
-    max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for the engine; past that, 503 at once")
+    max_batch: int = setting(32, "MAX_BATCH", "sequences decoded together (continuous batching)")
+    max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
     search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books a template task may show the model after retrieval")
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")
     threads: int = setting(16, "MODEL_SERVER_THREADS", "HTTP worker threads")
@@ -104,7 +105,8 @@ def validate(config: Any) -> None:
         value = getattr(config, f.name)
         if f.name == "port" and not 0 <= value <= 65535:
             raise ConfigError(f"port {value} is out of range")
-        if f.name in ("threads", "default_max_tokens", "search_candidates", "max_waiting", "max_body_bytes") and value < 1:
+        if f.name in ("threads", "default_max_tokens", "search_candidates", "max_waiting", "max_batch",
+                      "max_body_bytes") and value < 1:
             raise ConfigError(f"{f.name} must be at least 1")
         if f.name in ("upstream_timeout", "connect_timeout") and value <= 0:
             raise ConfigError(f"{f.name} must be positive")

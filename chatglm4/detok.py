@@ -34,11 +34,11 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back at the end of generation."""
+        """Whatever is still held back at the end of generation, less a character left incomplete."""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        return full[len(prefix):].rstrip(REPLACEMENT) if len(full) > len(prefix) else ""
 
 
 class StopStrings:

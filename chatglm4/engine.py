@@ -45,16 +45,27 @@ _END = object()
 class GenerationStream:
     """Iterator of `Piece`s for one request; `cancel()` frees the engine within one step."""
 
+    # How often a waiting reader checks whether its client is still there.
+    POLL_S = 0.25
+
     def __init__(self, prompt_ids: list[int], params: SamplingParams):
         self.prompt_ids = prompt_ids
         self.params = params
         self.cancelled = threading.Event()
+        # Set by the server: a callable that says the HTTP client has gone away.
+        self.client_gone: Any = None
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self._events: queue.Queue = queue.Queue()
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def abandoned(self) -> bool:
+        """Cancelled, or its client has gone away (checked by the scheduler every step)."""
+        if not self.cancelled.is_set() and self.client_gone is not None and self.client_gone():
+            self.cancelled.set()
+        return self.cancelled.is_set()
 
     # engine side
     def _put(self, item: Any) -> None:
@@ -63,7 +74,13 @@ class GenerationStream:
     # caller side
     def __iter__(self) -> Iterator[Piece]:
         while True:
-            item = self._events.get()
+            try:
+                item = self._events.get(timeout=self.POLL_S)
+            except queue.Empty:
+                if self.client_gone is not None and self.client_gone():
+                    self.cancel()
+                    return
+                continue
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -81,19 +98,52 @@ class GenerationStream:
         return Piece("".join(texts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
 
-class LocalEngine:
-    """transformers model + tokenizer behind one worker thread."""
+class _Sequence:
+    """One request's decoding state inside the running batch."""
 
-    def __init__(self, loaded: LoadedModel, max_waiting: int = 64):
+    def __init__(self, stream: GenerationStream, tokenizer: Any):
+        import torch
+
+        self.stream = stream
+        self.params = stream.params
+        self.n_prompt = len(stream.prompt_ids)
+        self.generated = 0
+        self.last_token = -1
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = StopStrings(self.params.stop)
+        self.generator = (torch.Generator(device="cpu").manual_seed(self.params.seed)
+                          if self.params.seed is not None else None)
+        self.matcher = None
+        if self.params.grammar is not None:
+            import xgrammar as xgr
+
+            self.matcher = xgr.GrammarMatcher(self.params.grammar)
+
+
+class LocalEngine:
+    """transformers model + tokenizer behind one scheduler thread that batches concurrent requests.
+
+    Between decode steps the scheduler admits waiting requests (one batched prefill), then runs one
+    forward pass for every running sequence; finished or cancelled sequences leave at once. Sampling,
+    stop conditions and grammars stay per request."""
+
+    def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
+                 prefill_token_budget: int = 8192):
         self.loaded = loaded
         self.name = loaded.name
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
+        self.max_batch = max_batch
+        self.prefill_token_budget = prefill_token_budget
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
-        self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._grammar = None
+        self._grammar_lock = threading.Lock()
         self.running = 0
         self.tokens_generated = 0
+        self.prefill_tokens = 0
+        self.steps = 0
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------ interface
@@ -105,13 +155,19 @@ class LocalEngine:
 
     def compile_json_schema(self, schema: dict) -> Any:
         """A compiled grammar that only admits JSON matching `schema` (cached by schema text)."""
-        from .constrain import GrammarCache
+        return self._grammars().compile(schema)
 
-        if self._grammar is None:
-            self._grammar = GrammarCache(self.tokenizer, self.loaded.model.config, self.loaded.stop_token_ids)
-        return self._grammar.compile(schema)
+    def _grammars(self) -> Any:
+        with self._grammar_lock:
+            if self._grammar is None:
+                from .constrain import GrammarCache
+
+                self._grammar = GrammarCache(self.tokenizer, self.loaded.model.config, self.loaded.stop_token_ids)
+            return self._grammar
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
         stream = GenerationStream(prompt_ids, params)
         try:
             self._queue.put_nowait(stream)
@@ -124,90 +180,158 @@ class LocalEngine:
         return self._queue.qsize()
 
     def shutdown(self) -> None:
-        self._queue.put(None)
+        self._stopping = True
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
 
-    # ------------------------------------------------------------ worker
+    # ------------------------------------------------------------ scheduler
 
     def _run(self) -> None:
         import torch
 
-        while True:
-            stream = self._queue.get()
+        from .batchkv import BatchKV
+
+        self._cache = BatchKV()
+        self._batch: list[_Sequence] = []
+        while not self._stopping:
+            try:
+                admitted = self._admit(block=not self._batch)
+                with torch.inference_mode():
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._batch:
+                        self._decode_step()
+            except Exception as exc:  # the scheduler's edge: fail the batch, keep serving
+                log.exception("generation failed")
+                for seq in self._batch:
+                    seq.stream._put(exc)
+                self._batch = []
+                self._cache = BatchKV()
+            self.running = len(self._batch)
+
+    def _admit(self, block: bool) -> list[_Sequence]:
+        """Waiting requests that fit the batch and the prefill budget (waits for one when idle)."""
+        admitted: list[_Sequence] = []
+        budget = self.prefill_token_budget
+        while len(self._batch) + len(admitted) < self.max_batch:
+            try:
+                stream = self._queue.get(block=block and not admitted)
+            except queue.Empty:
+                break
             if stream is None:
-                return
-            if stream.cancelled.is_set():
+                break
+            if stream.abandoned():
                 stream._put(_END)
                 continue
-            self.running = 1
-            try:
-                with torch.inference_mode():
-                    self._generate_one(stream)
-            except Exception as exc:  # the worker's edge: one bad request must not kill the engine
-                log.exception("generation failed")
-                stream._put(exc)
-            finally:
-                self.running = 0
+            admitted.append(_Sequence(stream, self.tokenizer))
+            budget -= len(stream.prompt_ids)
+            if budget <= 0:
+                break
+        self.running = len(self._batch) + len(admitted)
+        return admitted
 
-    def _generate_one(self, stream: GenerationStream) -> None:
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """One padded forward over the new prompts; their caches join the batch, first tokens out."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.loaded.input_device
+        lengths = [len(s.stream.prompt_ids) for s in seqs]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :lengths[i]] = torch.tensor(s.stream.prompt_ids)
+            mask[i, :lengths[i]] = 1
+        cache = DynamicCache(config=self.loaded.model.config)
+        out = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                past_key_values=cache, use_cache=True)
+        self.prefill_tokens += sum(lengths)
+        last = torch.tensor([n - 1 for n in lengths])
+        logits = out.logits[torch.arange(len(seqs)), last.to(out.logits.device), :].float().cpu()  # [n, vocab]
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self._cache.add(layers, lengths)
+        self._batch.extend(seqs)
+        self._sample_and_emit(logits, first=len(self._batch) - len(seqs))
+
+    def _decode_step(self) -> None:
+        """One forward pass for every running sequence."""
         import torch
 
-        params = stream.params
         model, device = self.loaded.model, self.loaded.input_device
-        stop_ids = set(self.loaded.stop_token_ids)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        matcher = bitmask = None
-        if params.grammar is not None:
+        self._cache.reserve(1)
+        tokens = torch.tensor([[s.last_token] for s in self._batch], device=device)
+        mask = self._cache.decode_mask(model.config._attn_implementation, model.dtype, device)
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=self._cache.positions(device),
+                    past_key_values=self._cache, use_cache=True)
+        self._cache.lengths += 1
+        self.steps += 1
+        self._sample_and_emit(out.logits[:, -1, :].float().cpu(), first=0)
+
+    def _sample_and_emit(self, logits: Any, first: int) -> None:
+        """Chooses the next token of batch rows first.. from logits rows 0..; retires finished rows."""
+        import torch
+
+        rows = self._batch[first:]
+        stop_ids = self.loaded.stop_token_ids
+        constrained = [i for i, s in enumerate(rows) if s.matcher is not None]
+        if constrained:
             import xgrammar as xgr
 
-            matcher = xgr.GrammarMatcher(params.grammar)
-            bitmask = xgr.allocate_token_bitmask(1, self._grammar.vocab_size)
+            bitmask = xgr.allocate_token_bitmask(len(rows), self._grammar.vocab_size)
+            for i in constrained:
+                rows[i].matcher.fill_next_token_bitmask(bitmask, i)
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=constrained)
+        for i, seq in enumerate(rows):
+            if seq.matcher is None and (seq.params.ignore_eos or seq.generated < seq.params.min_tokens):
+                logits[i, stop_ids] = float("-inf")
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        finished = set()
+        for i, seq in enumerate(rows):
+            token = greedy[i] if seq.params.temperature <= 0 else next_token(logits[i], seq.params, seq.generator)
+            if self._accept(seq, token):
+                finished.add(first + i)
+        if finished or any(s.stream.abandoned() for s in self._batch):
+            keep = []
+            for r, seq in enumerate(self._batch):
+                if r in finished:
+                    continue
+                if seq.stream.cancelled.is_set():
+                    seq.stream._put(Piece("", "cancelled", seq.n_prompt, seq.generated))
+                    continue
+                keep.append(r)
+            self._batch = [self._batch[r] for r in keep]
+            self._cache.keep(keep)
 
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = StopStrings(params.stop)
-        n_prompt = len(stream.prompt_ids)
-        budget = min(params.max_tokens, self.context_length - n_prompt)
-        inputs = torch.tensor([stream.prompt_ids], device=device)
-        past = None
-        generated = 0
-        finish = "length"
-        hit = False
-        while generated < budget:
-            if stream.cancelled.is_set():
-                finish = "cancelled"
-                break
-            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1, :].float().cpu()  # [vocab]
-            if matcher is not None:
-                matcher.fill_next_token_bitmask(bitmask)
-                xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask)
-            elif params.ignore_eos or generated < params.min_tokens:
-                for i in stop_ids:
-                    logits[i] = float("-inf")
-            token = next_token(logits, params, generator)
-            generated += 1
-            self.tokens_generated += 1
-            if stream.first_token_at is None:
-                stream.first_token_at = time.monotonic()
-            if matcher is not None and not matcher.accept_token(token):
-                raise RuntimeError(f"grammar rejected token {token}")
-            if token in stop_ids and not params.ignore_eos:
-                finish = "stop"
-                break
-            text, hit = stops.feed(decoder.push(token))
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Records one generated token for `seq`, emits its text; True when the sequence is done."""
+        seq.generated += 1
+        self.tokens_generated += 1
+        seq.last_token = token
+        stream, params = seq.stream, seq.params
+        if stream.first_token_at is None:
+            stream.first_token_at = time.monotonic()
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"grammar rejected token {token}")
+        finish, hit = None, False
+        if token in self.loaded.stop_token_ids and not params.ignore_eos:
+            finish = "stop"
+        else:
+            text, hit = seq.stops.feed(seq.decoder.push(token))
             if text:
-                stream._put(Piece(text, None, n_prompt, generated))
-            if hit:
+                stream._put(Piece(text, None, seq.n_prompt, seq.generated))
+            if hit or (seq.matcher is not None and seq.matcher.is_terminated()):
                 finish = "stop"
-                break
-            if matcher is not None and matcher.is_terminated():
-                finish = "stop"
-                break
-            inputs = torch.tensor([[token]], device=device)
+            elif seq.generated >= params.max_tokens or seq.n_prompt + seq.generated >= self.context_length:
+                finish = "length"
+        if finish is None:
+            return False
         tail = ""
         if not hit:  # text after a stop string is dropped; otherwise release what was held back
-            tail, _ = stops.feed(decoder.flush())
-            tail += stops.flush()
-        stream._put(Piece(tail, finish, n_prompt, generated))
+            tail, _ = seq.stops.feed(seq.decoder.flush())
+            tail += seq.stops.flush()
+        stream._put(Piece(tail, finish, seq.n_prompt, seq.generated))
+        return True

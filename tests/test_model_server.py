@@ -234,7 +234,7 @@ def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(kernel):
     from LLMapis import ServerState, create_app
     from LLMkernel import Kernel
 
-    engine = LocalEngine(kernel.engine.loaded, max_waiting=1)
+    engine = LocalEngine(kernel.engine.loaded, max_waiting=1, max_batch=1)
     state = ServerState("small-queue")
     state.kernel = Kernel(engine, default_temperature=0.0)
     server = ServerThread(create_app(state))
@@ -252,7 +252,7 @@ def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(kernel):
         second.close()
         first.close()  # the client goes away: its generation must stop
         deadline = time.monotonic() + 20
-        while engine.running and time.monotonic() < deadline:
+        while (engine.running or engine.waiting) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.running == 0 and engine.waiting == 0
         count = engine.tokens_generated
@@ -262,3 +262,26 @@ def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(kernel):
     finally:
         server.stop()
         engine.shutdown()
+
+
+def test_concurrent_requests_share_steps_and_match_solo_output(kernel, model_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["What is the capital of France?", "Tell me a joke about cats.", "Write a haiku about rain.",
+               "List three prime numbers.", "你好，请介绍一下你自己。", "Explain gravity briefly."]
+
+    def chat(prompt: str) -> dict:
+        r = requests.post(model_server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": ask(prompt), "temperature": 0, "max_tokens": 32})
+        assert r.status_code == 200
+        return r.json()
+
+    solo = [chat(p) for p in prompts]
+    steps_before = kernel.engine.steps
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(chat, prompts))
+    steps = kernel.engine.steps - steps_before
+    assert [c["choices"][0]["message"]["content"] for c in together] == \
+        [c["choices"][0]["message"]["content"] for c in solo]
+    tokens = sum(c["usage"]["completion_tokens"] for c in together)
+    assert steps < tokens * 0.6  # decode steps were shared, not one per token per request

@@ -136,3 +136,19 @@ def api_keys(config: GatewayConfig) -> list[str]:
 def settings_table(cls: type) -> list[tuple[str, str, Any, str]]:
     """(flag, env, default, help) rows, for the README and its drift test."""
     return [(_flag(f), f.metadata.get("env") or "", f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
+
+
+def markdown() -> str:
+    """The settings of both servers as README tables."""
+    out = []
+    for title, cls in (("Model server (`LLMapis.py`)", ModelServerConfig), ("Gateway (`serveapi.py`)", GatewayConfig)):
+        out += [f"**{title}**", "", "| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+        for flag, env, default, help_ in settings_table(cls):
+            shown = "—" if default is None else f"`{default}`"
+            out.append(f"| `{flag}` | `{env}` | {shown} | {help_.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown())

@@ -138,3 +138,16 @@ def test_titles_enter_the_prompt_as_quoted_data():
     line = next(l for l in text.splitlines() if l.startswith("id 1:"))
     assert json.loads(line.split(":", 1)[1]) == evil  # one JSON string: the title cannot break out
     assert "法语" in text  # Chinese stays readable, not \\u escapes
+
+
+def test_readme_documents_every_setting_and_route():
+    from conftest import ROOT
+    from serveapi import ROUTES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for cls in (cfg.ModelServerConfig, cfg.GatewayConfig):
+        for flag, env, _, _ in cfg.settings_table(cls):
+            assert f"`{flag}`" in readme and f"`{env}`" in readme, flag
+    for route in ROUTES:
+        path = route.path.replace("{id}", "")
+        assert path in readme, route.path

@@ -1,0 +1,236 @@
+"""`make bench`: our model server, the serial baseline and `transformers serve --continuous-batching`
+on the same model, the same prompt and the same forced number of generated tokens, in one run;
+then book search and the gateway's added latency. Writes bench/results.md.
+
+Every server runs alone (the others are stopped) so they do not share the CPU. Request loops are
+bounded and everything listens on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import load  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Write a story about a robot."}]
+TOKENS = 64
+LEVELS = (1, 8, 32)
+TSERVE_ENV = HERE / ".tserve"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, argv: list[str], url: str, log_name: str, env: dict | None = None):
+        self.url = url
+        self.log = open(Path(tempfile.gettempdir()) / log_name, "w")
+        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})})
+
+    def wait(self, path: str = "/health", timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{self.log.name}: exited with {self.p.returncode}")
+            try:
+                if requests.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url} not ready")
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+        self.log.close()
+
+
+def payload(extra: dict | None = None) -> dict:
+    return {"model": "bench", "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": TOKENS, **(extra or {})}
+
+
+def requests_for(c: int, quick: bool) -> int:
+    return c if quick else max(4, 2 * c)
+
+
+def measure(name: str, url: str, quick: bool, levels=LEVELS, extra: dict | None = None) -> list[dict]:
+    rows = []
+    load.run(url + "/v1/chat/completions", payload(extra), 1, 1)  # warm-up
+    for c in levels:
+        s = load.run(url + "/v1/chat/completions", payload(extra), c, requests_for(c, quick))
+        rows.append({"server": name, "c": c, "n": s.requests, "errors": s.errors, "tok_s": s.tok_s,
+                     "tokens_per_req": s.tokens / max(1, s.requests - s.errors),
+                     "p50": s.pct(s.latency, 0.5), "p95": s.pct(s.latency, 0.95),
+                     "ttft50": s.pct(s.ttft, 0.5), "ttft95": s.pct(s.ttft, 0.95)})
+        print(f"  {name} c={c}: {s.tok_s:.1f} tok/s, ttft p50 {rows[-1]['ttft50'] * 1000:.0f} ms", flush=True)
+    return rows
+
+
+def bench_ours(quick: bool) -> tuple[list[dict], dict]:
+    port, gport = free_port(), free_port()
+    ms = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--max-batch", "32", "--max-waiting", "256"],
+              f"http://127.0.0.1:{port}", "bench-model-server.log")
+    gw = None
+    try:
+        ms.wait()
+        rows = measure("chatglm4-web (ours)", ms.url, quick)
+        short = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "stream": True}
+        ttft_short = [load.one_request(ms.url + "/v1/chat/completions", short)[0] for _ in range(10)]
+        db = Path(tempfile.mkdtemp()) / "bench.db"
+        gw = Proc([sys.executable, "serveapi.py", "--port", str(gport), "--model-server", ms.url,
+                   "--database-url", f"sqlite:///{db}"], f"http://127.0.0.1:{gport}", "bench-gateway.log")
+        gw.wait()
+        direct = load.timed_calls(lambda: requests.get(ms.url + "/v1/models", timeout=10), 200)
+        via = load.timed_calls(lambda: requests.get(gw.url + "/v1/models", timeout=10), 200)
+        search = {}
+        queries = ["帮我找找有关函数求导的书", "我想学法语", "线性代数的书", "量子力学入门"]
+        for c in (1, 8):
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(i: int) -> float:
+                t = time.perf_counter()
+                requests.post(gw.url + "/api/books/search", json={"query": queries[i % len(queries)]}, timeout=300)
+                return time.perf_counter() - t
+
+            one(0)
+            with ThreadPoolExecutor(c) as pool:
+                search[c] = load.median(list(pool.map(one, range(8 if c == 1 else 16))))
+        extras = {"ttft_short_p50": load.median(ttft_short), "gateway_overhead_p50": load.median(via) - load.median(direct),
+                  "direct_p50": load.median(direct), "via_p50": load.median(via), "search": search}
+        return rows, extras
+    finally:
+        if gw:
+            gw.stop()
+        ms.stop()
+
+
+def bench_serial(quick: bool) -> tuple[list[dict], float]:
+    port = free_port()
+    srv = Proc([sys.executable, str(HERE / "serial_server.py"), "--port", str(port)],
+               f"http://127.0.0.1:{port}", "bench-serial.log")
+    try:
+        srv.wait()
+        reference = requests.get(srv.url + "/health", timeout=5).json()["generate_tok_s"]
+        return measure("serial baseline (original demo)", srv.url, True), reference
+    finally:
+        srv.stop()
+
+
+def bench_transformers_serve(quick: bool) -> tuple[list[dict], str]:
+    exe = TSERVE_ENV / "bin" / "transformers"
+    if not exe.exists():
+        return [], (f"skipped: no {TSERVE_ENV.relative_to(ROOT)} environment (create it with: python3 -m venv "
+                    "bench/.tserve && bench/.tserve/bin/pip install torch==2.13.0 'transformers[serving]==5.23.0' "
+                    "accelerate==1.15.0 gguf==0.19.0)")
+    from chatglm4.modelload import embedded_model_file
+
+    gguf = embedded_model_file()
+    port = free_port()
+    srv = Proc([str(exe), "serve", f"{gguf.parent}:{gguf.name}", "--continuous-batching", "--port", str(port),
+                "--host", "127.0.0.1", "--device", "cpu"], f"http://127.0.0.1:{port}", "bench-tserve.log")
+    try:
+        srv.wait("/v1/models", timeout=900)
+        return measure("transformers serve --continuous-batching", srv.url, quick,
+                       extra={"model": f"{gguf.parent}:{gguf.name}"}), ""
+    except (RuntimeError, TimeoutError) as exc:
+        return [], f"skipped: {exc}"
+    finally:
+        srv.stop()
+
+
+def machine() -> str:
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB memory, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def write(rows: list[dict], extras: dict, reference: float, tserve_note: str) -> str:
+    ms = lambda s: f"{s * 1000:.0f}"  # noqa: E731
+    lines = [f"Benchmark run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.",
+             "",
+             f"Model: embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32 on CPU). Prompt: "
+             f"\"{PROMPT[0]['content']}\"; every request generates exactly {TOKENS} tokens (`ignore_eos`/`min_tokens`), "
+             "greedy. Throughput = completion tokens of all requests / wall time.",
+             "",
+             "| server | concurrency | requests | tok/s | p50 latency s | p95 latency s | p50 TTFT ms | p95 TTFT ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['c']} | {r['n']}{' (' + str(r['errors']) + ' failed)' if r['errors'] else ''} "
+                     f"| {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {ms(r['ttft50'])} | {ms(r['ttft95'])} |")
+    if tserve_note:
+        lines += ["", f"transformers serve: {tserve_note}"]
+    ours = {r["c"]: r for r in rows if r["server"].startswith("chatglm4")}
+    serial = {r["c"]: r for r in rows if r["server"].startswith("serial")}
+    peer = {r["c"]: r for r in rows if r["server"].startswith("transformers")}
+    lines += ["", "| goal | measured | met |", "| --- | --- | --- |"]
+
+    def goal(text: str, value: str, ok: bool | None) -> None:
+        lines.append(f"| {text} | {value} | {'yes' if ok else 'no' if ok is not None else 'n/a'} |")
+
+    if 32 in ours and 32 in serial:
+        x = ours[32]["tok_s"] / serial[32]["tok_s"]
+        goal("c=32 throughput ≥ 10x serial baseline", f"{x:.1f}x", x >= 10)
+    if 32 in ours and 32 in peer:
+        x = ours[32]["tok_s"] / peer[32]["tok_s"]
+        goal("c=32 throughput ≥ 1.5x transformers serve", f"{x:.2f}x", x >= 1.5)
+    if 32 in ours:
+        goal("c=32 p95 TTFT < 1 s", f"{ours[32]['ttft95']:.2f} s", ours[32]["ttft95"] < 1.0)
+    if 1 in ours:
+        ratio = ours[1]["tok_s"] / reference
+        goal("c=1 within 10% of in-process model.generate", f"{ours[1]['tok_s']:.1f} vs {reference:.1f} tok/s "
+             f"({ratio * 100:.0f}%)", ratio >= 0.9)
+    goal("c=1 TTFT p50 < 150 ms (short prompt, 1 token)", f"{ms(extras['ttft_short_p50'])} ms",
+         extras["ttft_short_p50"] < 0.15)
+    goal("gateway overhead p50 < 3 ms (GET /v1/models via gateway − direct)",
+         f"{extras['gateway_overhead_p50'] * 1000:.2f} ms ({ms(extras['via_p50'])} vs {ms(extras['direct_p50'])} ms)",
+         extras["gateway_overhead_p50"] < 0.003)
+    lines += ["", "Book search through the gateway (seed catalogue, retrieval + constrained choice among ≤ 8 candidates): "
+              + ", ".join(f"p50 {v:.2f} s at concurrency {c}" for c, v in extras["search"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one request per client at each level")
+    parser.add_argument("--skip-peer", action="store_true", help="skip transformers serve")
+    args = parser.parse_args()
+    print("machine:", machine(), flush=True)
+    rows, extras = bench_ours(args.quick)
+    serial_rows, reference = bench_serial(args.quick)
+    peer_rows, note = ([], "skipped (--skip-peer)") if args.skip_peer else bench_transformers_serve(args.quick)
+    text = write(rows + serial_rows + peer_rows, extras, reference, note)
+    (HERE / "results.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,8 @@ class ModelServerConfig:
     max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
     search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books a template task may show the model after retrieval")
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")
-    threads: int = setting(16, "MODEL_SERVER_THREADS", "HTTP worker threads")
+    # Each streamed reply holds a thread for its whole generation: keep more than max_batch + max_waiting.
+    threads: int = setting(128, "MODEL_SERVER_THREADS", "HTTP worker threads")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class GatewayConfig:
     max_body_bytes: int = setting(2 * 1024 * 1024, "MAX_BODY_BYTES", "largest request body accepted (413 above)")
     rate_limit: str | None = setting(None, "RATE_LIMIT", "per-client limit on API calls, e.g. '60/minute'; unset = none")
     search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books retrieval hands to the model per search")
-    threads: int = setting(32, "GATEWAY_THREADS", "HTTP worker threads")
+    threads: int = setting(128, "GATEWAY_THREADS", "HTTP worker threads (each streamed reply holds one)")
 
 
 class ConfigError(ValueError):

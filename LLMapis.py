@@ -148,12 +148,14 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
     from chatglm4.engine import LocalEngine
 
     loaded = modelload.load(config.model, dtype=config.dtype, max_memory=config.max_memory,
-                            max_context=config.max_context)
+                            max_context=config.max_context, quantize=config.quantize, gpus=config.gpus)
     engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch)
+    kernel = Kernel(engine, default_max_tokens=config.default_max_tokens,
+                    default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
+    kernel.warm_up()
     log.info("model %s ready on %s, context %d tokens, stop ids %s", loaded.name,
              modelload.describe_device(loaded), loaded.context_length, loaded.stop_token_ids)
-    return Kernel(engine, default_max_tokens=config.default_max_tokens,
-                  default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
+    return kernel
 
 
 def serve(config: cfg.ModelServerConfig, state: ServerState, kernel_factory: Any = load_kernel) -> None:

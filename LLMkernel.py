@@ -106,6 +106,10 @@ class Kernel:
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
         return self.engine.compile_json_schema(schema)
 
+    def warm_up(self) -> None:
+        """Pays one-time costs (grammar tokenizer tables, first forward pass) before /health says ready."""
+        self.run_task("book_search", {"query": "warm up", "books": [{"id": 1, "title": "warm up"}]})
+
     # ------------------------------------------------------------ template tasks
 
     def run_task(self, name: str, body: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import sys
+import threading
 from typing import Iterator
 
 import requests
@@ -25,6 +26,7 @@ from chatglm4.openapi import Route, build
 from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest, ApiChatResponse,
                                BookListQuery, BookListResponse, BookSearchRequest, BookSearchResponse,
                                ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ModelList)
+from chatglm4.retrieval import tokenize
 from chatglm4.upstream import ModelServerPool
 
 log = logging.getLogger("serveapi")
@@ -74,6 +76,8 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         ensure_schema()
     except CatalogueUnavailable as exc:
         log.warning("catalogue not ready yet: %s", exc)
+    # jieba builds its dictionary on first use (about a second): do it now, not in the first search.
+    threading.Thread(target=tokenize, args=("预热 warm up",), name="retrieval-warm-up", daemon=True).start()
 
     @app.errorhandler(CatalogueUnavailable)
     def _db_down(exc: CatalogueUnavailable):

@@ -23,6 +23,8 @@ class ModelServerConfig:
     port: int = setting(8001, "MODEL_SERVER_PORT", "port to bind")
     dtype: str = setting("auto", "DTYPE", "auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     max_memory: str | None = setting(None, "MAX_MEMORY", "per-device memory cap for device_map=auto, e.g. '0=20GiB,1=22GiB,cpu=0'")
+    quantize: str | None = setting(None, "QUANTIZE", "load the weights in 8bit or 4bit with bitsandbytes (CUDA GPUs only); unset = full precision")
+    gpus: str | None = setting(None, "GPUS", "comma-separated GPU indices to place the model on, e.g. '0,1'; default: every visible GPU")
     max_context: int = setting(0, "MAX_CONTEXT", "context length in tokens; 0 = the model's own")
     default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", "max_tokens when a request names none")
     default_temperature: float = setting(0.7, "DEFAULT_TEMPERATURE", "temperature when a request names none")
@@ -116,6 +118,10 @@ def validate(config: Any) -> None:
     if isinstance(config, ModelServerConfig):
         if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {config.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if config.quantize not in (None, "8bit", "4bit"):
+            raise ConfigError(f"quantize {config.quantize!r}: choose 8bit or 4bit")
+        if config.gpus and not all(x.strip().isdigit() for x in config.gpus.split(",")):
+            raise ConfigError(f"gpus {config.gpus!r}: give GPU indices separated by commas, e.g. 0,1")
         if config.model and not os.path.exists(config.model):
             raise ConfigError(f"model path {config.model!r} does not exist (download it with download.py)")
     if isinstance(config, GatewayConfig):

@@ -113,6 +113,7 @@ class _Sequence:
         self.stops = StopStrings(self.params.stop)
         self.generator = (torch.Generator(device="cpu").manual_seed(self.params.seed)
                           if self.params.seed is not None else None)
+        self.emitted = False
         self.matcher = None
         if self.params.grammar is not None:
             import xgrammar as xgr
@@ -320,8 +321,12 @@ class LocalEngine:
         if token in self.loaded.stop_token_ids and not params.ignore_eos:
             finish = "stop"
         else:
-            text, hit = seq.stops.feed(seq.decoder.push(token))
+            piece = seq.decoder.push(token)
+            if not seq.emitted and self.loaded.strip_leading_newline:
+                piece = piece.lstrip("\n")
+            text, hit = seq.stops.feed(piece)
             if text:
+                seq.emitted = True
                 stream._put(Piece(text, None, seq.n_prompt, seq.generated))
             if hit or (seq.matcher is not None and seq.matcher.is_terminated()):
                 finish = "stop"

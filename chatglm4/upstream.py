@@ -64,16 +64,18 @@ class ModelServerPool:
                 resp = self._session.request(method, url + path, json=json, stream=stream, timeout=timeout)
             except requests.ConnectionError as exc:
                 # A read timeout on a streamed body surfaces later; here it means no connection at all.
+                # Public messages name no internal address; the log does.
                 self._mark_down(url)
-                last_reason = f"model server {url} is unreachable"
-                log.warning("%s: %s", last_reason, exc.__class__.__name__)
+                last_reason = "the model server is unreachable"
+                log.warning("model server %s unreachable: %s", url, exc.__class__.__name__)
                 continue
             except requests.Timeout:
-                raise Unavailable(f"model server {url} did not answer within {timeout[1]:g} s",
+                log.warning("model server %s timed out after %s s", url, timeout[1])
+                raise Unavailable(f"the model server did not answer within {timeout[1]:g} s",
                                   retry_after=10, code="upstream_timeout") from None
             self._down_until.pop(url, None)
             if resp.status_code == 503 and _error_code(resp) == "loading":
-                last_reason = f"model server {url} is still loading the model"
+                last_reason = "the model server is still loading the model"
                 resp.close()
                 continue
             if resp.status_code >= 400:

@@ -1,0 +1,424 @@
+"""The web page end to end: headless Chromium (Playwright, sync API) against the real gateway and the
+real model server on loopback. Chat streaming and stop, book search, the catalogue, the model server
+going away, API keys, untrusted model output, and a phone-width layout. Screenshots of each view go
+to test-output/screenshots/."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from chatglm4.catalogue import load_seed_titles
+from conftest import ServerThread, free_port, gateway_config, wait_healthy
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SEED_TITLES = load_seed_titles()
+REPLY = ".msg.assistant"
+DONE_REPLY = '.msg.assistant[data-done="true"]'
+
+expect.set_options(timeout=30_000)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_page(browser):
+    """Opens pages in fresh contexts (own localStorage); fails the test on any uncaught page error."""
+    contexts, errors = [], []
+
+    def open_page(url: str, **context_options):
+        context = browser.new_context(**context_options)
+        context.set_default_timeout(30_000)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        expect(page.locator("#send")).to_be_visible()
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def shots(output_dir) -> Path:
+    folder = output_dir / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def private_gateway(model_url: str, tmp_path, **overrides) -> ServerThread:
+    from serveapi import create_app
+
+    gw = ServerThread(create_app(gateway_config(model_url, f"sqlite:///{tmp_path}/catalogue-{free_port()}.db",
+                                                **overrides)))
+    return gw
+
+
+def private_model_server(kernel, port: int | None = None, default_max_tokens: int | None = None) -> ServerThread:
+    """A model server of the test's own over the session's engine (the model is loaded once)."""
+    from LLMapis import ServerState, create_app
+    from LLMkernel import Kernel
+
+    state = ServerState("SmolLM2-135M-Instruct")
+    state.kernel = kernel if default_max_tokens is None else Kernel(
+        kernel.engine, default_max_tokens=default_max_tokens, default_temperature=kernel.default_temperature,
+        candidate_limit=kernel.candidate_limit)
+    return ServerThread(create_app(state), port=port)
+
+
+def tab(page, name: str) -> None:
+    page.locator(f'nav button[data-view="{name}"]').click()
+    expect(page.locator(f"#view-{name}")).to_be_visible()
+
+
+def send(page, text: str, *, enter: bool = True) -> None:
+    page.locator("#prompt").fill(text)
+    if enter:
+        page.locator("#prompt").press("Enter")
+    else:
+        page.locator("#send").click()
+
+
+def assert_human(text: str) -> None:
+    """An error shown to a person: a sentence, not a JSON body."""
+    assert text.strip(), "no error message shown"
+    assert '{"error"' not in text and "{'error'" not in text and not text.lstrip().startswith("{"), text
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_streams_replies_and_new_conversation(gateway, new_page, shots):
+    page = new_page(gateway.url)
+    expect(page.locator("#keybox")).to_be_hidden()  # no API_KEYS on this gateway
+    expect(page.locator("#stop")).to_be_disabled()
+
+    send(page, "Hello! What is the capital of France?", enter=True)
+    expect(page.locator(".msg.user")).to_have_text("Hello! What is the capital of France?")
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+    first = page.locator(REPLY).first.inner_text().strip()
+    assert first and first != "…" and "[stopped]" not in first
+    expect(page.locator("#chaterror")).to_have_text("")
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#prompt")).to_have_value("")
+
+    # a second turn with the send button; the history goes along
+    requests_seen: list[dict] = []
+    page.on("request", lambda r: requests_seen.append(r.post_data_json) if r.url.endswith("/api/chat") else None)
+    send(page, "And of Italy?", enter=False)
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
+    assert page.locator(REPLY).nth(1).inner_text().strip()
+    assert requests_seen and requests_seen[-1]["stream"] is True
+    assert [m["role"] for m in requests_seen[-1]["history"]] == ["user", "assistant"]
+    assert requests_seen[-1]["history"][1]["content"].strip()
+    page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+    # Shift+Enter is a new line, not a send
+    page.locator("#prompt").fill("line one")
+    page.locator("#prompt").press("Shift+Enter")
+    page.locator("#prompt").type("line two")
+    expect(page.locator("#prompt")).to_have_value("line one\nline two")
+    expect(page.locator(".msg.user")).to_have_count(2)
+
+    # a new conversation empties the log and the history
+    page.locator("#newchat").click()
+    expect(page.locator(".msg")).to_have_count(0)
+    page.locator("#prompt").fill("Hi")
+    with page.expect_request("**/api/chat") as req:
+        page.locator("#prompt").press("Enter")
+    assert req.value.post_data_json["history"] == []
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+
+
+def test_stop_a_long_reply(kernel, tmp_path, new_page, shots):
+    # The page sends no max_tokens: a model server whose default is large makes the reply long.
+    ms = private_model_server(kernel, default_max_tokens=1500)
+    gw = private_gateway(ms.url, tmp_path)
+    try:
+        wait_healthy(gw.url)
+        page = new_page(gw.url)
+        send(page, "Write a very long story about a dragon who learns to bake bread. "
+                   "Make it at least two thousand words, with many chapters.")
+        bubble = page.locator(REPLY).last
+        expect(page.locator("#stop")).to_be_enabled()
+        expect(page.locator("#send")).to_be_disabled()
+        # the first token has arrived: the placeholder is gone
+        page.wait_for_function("() => { const b = document.querySelector('.msg.assistant.streaming');"
+                               " return b && b.textContent.trim() && b.textContent !== '…'; }")
+        page.locator("#stop").click()
+        expect(bubble).to_have_attribute("data-done", "true")
+        expect(bubble).to_contain_text("[stopped]")
+        expect(page.locator("#send")).to_be_enabled()
+        expect(page.locator("#stop")).to_be_disabled()
+        expect(page.locator("#chaterror")).to_have_text("")
+        page.screenshot(path=str(shots / "chat-stopped.png"))
+        # stopping frees the model: the generation is cancelled, not left running to 1500 tokens
+        deadline = time.monotonic() + 15
+        while True:
+            detail = requests.get(ms.url + "/health", timeout=5).json()["detail"]
+            if detail["running"] == 0 and detail["waiting"] == 0:
+                break
+            assert time.monotonic() < deadline, f"generation still running after stop: {detail}"
+            time.sleep(0.2)
+        # the conversation goes on after a stop
+        with page.expect_request("**/api/chat") as req:
+            send(page, "Thanks.")
+        history = req.value.post_data_json["history"]
+        assert [m["role"] for m in history] == ["user", "assistant"] and "dragon" in history[0]["content"]
+        page.locator("#stop").click()
+        expect(page.locator(DONE_REPLY)).to_have_count(2)
+    finally:
+        gw.stop()
+        ms.stop()
+
+
+# ---------------------------------------------------------------- book search
+
+
+def test_search_the_seed_catalogue(gateway, new_page, shots):
+    page = new_page(gateway.url)
+    tab(page, "search")
+    page.locator("#query").fill("我想学法语")
+    page.locator("#query").press("Enter")
+    expect(page.locator("#searchmsg")).to_have_text(re.compile(r"\d+ ms"))
+    items = page.locator("#results li")
+    assert items.count() >= 1, page.locator("#searchmsg").inner_text()
+    for i in range(items.count()):
+        book_id = int(items.nth(i).locator(".id").inner_text().lstrip("#"))
+        title = items.nth(i).locator(".title").inner_text()
+        assert title in SEED_TITLES and SEED_TITLES[book_id - 1] == title, (book_id, title)
+        assert "法" in title
+    expect(page.locator("#searcherror")).to_have_text("")
+    page.screenshot(path=str(shots / "search.png"), full_page=True)
+
+    page.locator("#query").fill("有没有关于烹饪的书")
+    page.locator("#searchbtn").click()
+    expect(page.locator("#searchmsg")).to_contain_text("书籍不存在")
+    expect(page.locator("#searchmsg")).to_have_text(re.compile(r"\d+ ms"))
+    expect(page.locator("#results li")).to_have_count(0)
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+def test_catalogue_add_find_page_delete(gateway, new_page, shots):
+    page = new_page(gateway.url)
+    tab(page, "catalogue")
+    expect(page.locator("#catlist li").first).to_contain_text("#1")
+    total_before = requests.get(gateway.url + "/api/books", params={"limit": 1}, timeout=10).json()["total"]
+    expect(page.locator("#cattotal")).to_contain_text(str(total_before))
+
+    title = f"页面测试 <b>not bold</b> {uuid.uuid4().hex[:8]}"
+    page.locator("#newtitles").fill(title + "\n\n")
+    page.locator("#addbtn").click()
+    # the added book is shown at once (the page turns to where it landed), as text
+    row = page.locator("#catlist li", has_text=title)
+    expect(row).to_be_visible()
+    expect(page.locator("#catlist b")).to_have_count(0)
+    expect(page.locator("#cattotal")).to_contain_text(str(total_before + 1))
+    expect(page.locator("#newtitles")).to_have_value("")
+    book_id = int(row.locator(".id").inner_text().lstrip("#"))
+    page.screenshot(path=str(shots / "catalogue.png"), full_page=True)
+
+    # paging back to the first page and forward again finds it in the list
+    pages = -(-(total_before + 1) // 20)
+    expect(page.locator("#pageinfo")).to_have_text(f"{pages} / {pages}")
+    if pages > 1:
+        page.locator("#prev").click()
+        expect(page.locator("#pageinfo")).to_have_text(f"{pages - 1} / {pages}")
+        expect(row).to_have_count(0)
+        page.locator("#next").click()
+        expect(row).to_be_visible()
+    expect(page.locator("#next")).to_be_disabled()
+
+    row.get_by_role("button").click()
+    expect(page.locator("#catlist li", has_text=title)).to_have_count(0)
+    expect(page.locator("#cattotal")).to_contain_text(str(total_before))
+    assert requests.delete(f"{gateway.url}/api/books/{book_id}", timeout=10).status_code == 404
+    expect(page.locator("#caterror")).to_have_text("")
+
+
+# ---------------------------------------------------------------- failures shown as sentences
+
+
+def test_model_server_down_is_a_human_message(kernel, tmp_path, new_page, shots):
+    port = free_port()
+    ms = private_model_server(kernel, port=port)
+    gw = private_gateway(ms.url, tmp_path)
+    try:
+        wait_healthy(gw.url)
+        page = new_page(gw.url)
+        ms.stop()
+
+        send(page, "Hello?")
+        error = page.locator("#chaterror")
+        expect(error).not_to_have_text("")
+        assert_human(error.inner_text())
+        assert "503" in error.inner_text() or "unavailable" in error.inner_text().lower()
+        expect(page.locator(REPLY)).to_have_count(0)  # no empty bubble left behind
+        expect(page.locator("#send")).to_be_enabled()
+        page.screenshot(path=str(shots / "error.png"), full_page=True)
+
+        tab(page, "search")
+        page.locator("#query").fill("我想学法语")
+        page.locator("#query").press("Enter")
+        expect(page.locator("#searcherror")).not_to_have_text("")
+        assert_human(page.locator("#searcherror").inner_text())
+        expect(page.locator("#searchbtn")).to_be_enabled()
+
+        # the catalogue needs no model
+        tab(page, "catalogue")
+        expect(page.locator("#catlist li")).to_have_count(20)
+        expect(page.locator("#cattotal")).to_contain_text("25")
+        expect(page.locator("#caterror")).to_have_text("")
+
+        # the model server comes back: the same page chats again, and the old error is gone
+        ms = private_model_server(kernel, port=port)
+        wait_healthy(gw.url, timeout=30)
+        tab(page, "chat")
+        send(page, "Hello again")
+        expect(page.locator(DONE_REPLY)).to_have_count(1)
+        expect(page.locator("#chaterror")).to_have_text("")
+    finally:
+        gw.stop()
+        ms.stop()
+
+
+def test_api_key_box(model_server, tmp_path, new_page, shots):
+    gw = private_gateway(model_server.url, tmp_path, api_keys="k1,k2")
+    try:
+        wait_healthy(gw.url)
+        page = new_page(gw.url)
+        expect(page.locator("#keybox")).to_be_visible()
+
+        send(page, "hi")
+        error = page.locator("#chaterror")
+        expect(error).to_contain_text("401")
+        assert_human(error.inner_text())
+        assert "key" in error.inner_text().lower()
+
+        tab(page, "catalogue")
+        expect(page.locator("#caterror")).to_contain_text("401")
+        expect(page.locator("#catlist li")).to_have_count(0)
+
+        page.locator("#apikey").fill("k2")
+        page.locator("#savekey").click()
+        expect(page.locator("#catlist li")).to_have_count(20)
+        expect(page.locator("#caterror")).to_have_text("")
+        assert page.evaluate("localStorage.getItem('chatglm4.apikey')") == "k2"
+        expect(page.locator("#apikey")).to_have_value("")  # the key is not left on display
+        page.screenshot(path=str(shots / "apikey.png"))
+
+        # the key survives a reload; a wrong one is a 401 message again
+        page.reload()
+        tab(page, "catalogue")
+        expect(page.locator("#catlist li")).to_have_count(20)
+        page.locator("#apikey").fill("wrong")
+        page.locator("#apikey").press("Enter")
+        expect(page.locator("#caterror")).to_contain_text("401")
+    finally:
+        gw.stop()
+
+
+def canned_sse(*pieces: str, tail: list[dict] | None = None) -> str:
+    frames = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    frames += [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces]
+    frames += tail if tail is not None else [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    return "".join(f"data: {json.dumps(f)}\n\n" for f in frames) + "data: [DONE]\n\n"
+
+
+def test_model_output_renders_as_text(gateway, new_page, shots):
+    page = new_page(gateway.url)
+    # What is under test is the page's rendering of whatever the model says, so the reply is canned.
+    body = canned_sse("Look: <img src=x onerr", "or=\"window.__pwned=1\"> and <script>window.__pwned=2</script> ",
+                      "```html\n<b>bold</b>\n<img src=y onerror=\"window.__pwned=3\">\n```",
+                      " inline `<i>x</i>` and a lone ` backtick")
+    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    send(page, 'my own <img src=z onerror="window.__pwned=4">')
+    bubble = page.locator(DONE_REPLY)
+    expect(bubble).to_have_count(1)
+    log = page.locator("#log")
+    for tag in ("img", "script", "b", "i"):
+        expect(log.locator(tag)).to_have_count(0)
+    assert page.evaluate("window.__pwned") is None
+    text = bubble.inner_text()
+    assert '<img src=x onerror="window.__pwned=1">' in text and "<script>window.__pwned=2</script>" in text
+    expect(bubble.locator("pre")).to_have_count(1)
+    expect(bubble.locator("pre")).to_have_text('<b>bold</b>\n<img src=y onerror="window.__pwned=3">\n')
+    expect(bubble.locator("code")).to_have_text("<i>x</i>")
+    assert "a lone ` backtick" in text
+    expect(page.locator(".msg.user")).to_have_text('my own <img src=z onerror="window.__pwned=4">')
+    page.screenshot(path=str(shots / "untrusted-output.png"))
+
+    # a failure after the stream started, and a 429, are sentences too
+    page.unroute("**/api/chat")
+    broken = canned_sse("Half a rep", tail=[{"error": {"message": "the model server stopped answering",
+                                                        "type": "service_unavailable"}}])
+    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=broken))
+    send(page, "go on")
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
+    expect(page.locator(REPLY).last).to_contain_text("Half a rep")
+    expect(page.locator("#chaterror")).not_to_have_text("")
+    assert_human(page.locator("#chaterror").inner_text())
+
+    page.unroute("**/api/chat")
+    page.route("**/api/chat", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"Retry-After": "7"},
+        body=json.dumps({"error": {"message": "rate limit exceeded: 3 per 1 minute", "type": "rate_limited"}})))
+    send(page, "again")
+    expect(page.locator("#chaterror")).to_contain_text("429")
+    assert_human(page.locator("#chaterror").inner_text())
+
+
+def test_phone_width(gateway, new_page, shots):
+    page = new_page(gateway.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    long_line = "x" * 300
+    body = canned_sse(f"A long unbroken word {long_line} and code:\n```\n{long_line}\n```")
+    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    send(page, "https://example.com/" + "a" * 200, enter=False)
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+
+    def assert_fits(view: str) -> None:
+        width = page.evaluate("document.scrollingElement.scrollWidth")
+        assert width <= 390, f"{view}: horizontal scroll, content is {width}px wide"
+
+    assert_fits("chat")
+    boxes = []
+    for button in ("#send", "#stop", "#newchat"):
+        expect(page.locator(button)).to_be_in_viewport()
+        box = page.locator(button).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (button, box)
+        boxes.append(box)
+    assert len({round(b["height"]) for b in boxes}) == 1, f"a button label wraps: {boxes}"
+    page.screenshot(path=str(shots / "phone-chat.png"))
+    tab(page, "search")
+    assert_fits("search")
+    tab(page, "catalogue")
+    expect(page.locator("#catlist li").first).to_be_visible()
+    assert_fits("catalogue")
+    page.screenshot(path=str(shots / "phone-catalogue.png"), full_page=True)

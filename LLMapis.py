@@ -59,6 +59,17 @@ def create_app(state: ServerState) -> Flask:
         lambda: state.kernel.engine.running if state.kernel else 0)
     metrics.gauge("chatglm4_generated_tokens", "tokens generated since start").set_function(
         lambda: state.kernel.engine.tokens_generated if state.kernel else 0)
+    metrics.gauge("chatglm4_prefill_tokens", "prompt tokens computed since start (cached prefixes excluded)"
+                  ).set_function(lambda: state.kernel.engine.prefill_tokens if state.kernel else 0)
+    metrics.gauge("chatglm4_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache").set_function(
+        lambda: state.kernel.engine.prefixes.hit_tokens if state.kernel else 0)
+    ttft = metrics.histogram("chatglm4_time_to_first_token_seconds", "from enqueue to the first generated token")
+
+    @app.before_request
+    def _attach_ttft():
+        # The kernel may arrive after the app is built (the model loads in the background).
+        if state.kernel is not None and state.kernel.engine.observe_ttft is None:
+            state.kernel.engine.observe_ttft = ttft.observe
 
     def start(chat: ChatCompletionRequest) -> GenerationStream:
         kernel = state.require_kernel()
@@ -149,7 +160,8 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
 
     loaded = modelload.load(config.model, dtype=config.dtype, max_memory=config.max_memory,
                             max_context=config.max_context, quantize=config.quantize, gpus=config.gpus)
-    engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch)
+    engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch,
+                         prefix_cache_tokens=config.prefix_cache_tokens)
     kernel = Kernel(engine, default_max_tokens=config.default_max_tokens,
                     default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
     kernel.warm_up()

@@ -29,6 +29,7 @@ class ModelServerConfig:
     default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", "max_tokens when a request names none")
     default_temperature: float = setting(0.7, "DEFAULT_TEMPERATURE", "temperature when a request names none")
     max_batch: int = setting(32, "MAX_BATCH", "sequences decoded together (continuous batching)")
+    prefix_cache_tokens: int = setting(8192, "PREFIX_CACHE_TOKENS", "prompt-prefix tokens whose key/value cache is kept for reuse; 0 = off")
     max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
     search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books a template task may show the model after retrieval")
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")

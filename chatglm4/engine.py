@@ -129,7 +129,9 @@ class LocalEngine:
     stop conditions and grammars stay per request."""
 
     def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
-                 prefill_token_budget: int = 8192):
+                 prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192):
+        from .prefixcache import PrefixCache
+
         self.loaded = loaded
         self.name = loaded.name
         self.context_length = loaded.context_length
@@ -139,6 +141,9 @@ class LocalEngine:
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
         self._grammar = None
         self._grammar_lock = threading.Lock()
+        self.prefixes = PrefixCache(prefix_cache_tokens)
+        # Called with each request's time to first token (seconds), e.g. by a metrics histogram.
+        self.observe_ttft: Any = None
         self.running = 0
         self.tokens_generated = 0
         self.prefill_tokens = 0
@@ -234,7 +239,19 @@ class LocalEngine:
         return admitted
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """One padded forward over the new prompts; their caches join the batch, first tokens out."""
+        """Computes the new prompts' caches (reusing cached prefixes), adds them to the batch, emits
+        their first tokens."""
+        reused, fresh = [], []
+        for seq in seqs:
+            n, prefix = self.prefixes.longest(seq.stream.prompt_ids)
+            (reused if prefix is not None else fresh).append((seq, n, prefix))
+        if fresh:
+            self._prefill_padded([seq for seq, _, _ in fresh])
+        for seq, n, prefix in reused:
+            self._prefill_after_prefix(seq, n, prefix)
+
+    def _prefill_padded(self, seqs: list[_Sequence]) -> None:
+        """One right-padded forward over several whole prompts."""
         import torch
         from transformers import DynamicCache
 
@@ -254,6 +271,29 @@ class LocalEngine:
         last = torch.tensor([n - 1 for n in lengths])
         logits = out.logits[torch.arange(len(seqs)), last.to(out.logits.device), :].float().cpu()  # [n, vocab]
         layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for i, s in enumerate(seqs):
+            self.prefixes.store(s.stream.prompt_ids, layers, i)
+        self._join(seqs, layers, lengths, logits)
+
+    def _prefill_after_prefix(self, seq: _Sequence, n: int, prefix: list[tuple[Any, Any]]) -> None:
+        """Computes only the part of one prompt after its cached prefix of n tokens."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.loaded.input_device
+        ids = seq.stream.prompt_ids
+        cache = DynamicCache(config=self.loaded.model.config)
+        for layer_idx, (k, v) in enumerate(prefix):
+            cache.update(k, v, layer_idx)
+        out = self.loaded.model(input_ids=torch.tensor([ids[n:]], device=device),
+                                position_ids=torch.arange(n, len(ids), device=device)[None, :],
+                                past_key_values=cache, use_cache=True)
+        self.prefill_tokens += len(ids) - n
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prefixes.store(ids, layers, 0)
+        self._join([seq], layers, [len(ids)], out.logits[:, -1, :].float().cpu())
+
+    def _join(self, seqs: list[_Sequence], layers: list[tuple[Any, Any]], lengths: list[int], logits: Any) -> None:
         self._cache.add(layers, lengths)
         self._batch.extend(seqs)
         self._sample_and_emit(logits, first=len(self._batch) - len(seqs))
@@ -315,6 +355,8 @@ class LocalEngine:
         stream, params = seq.stream, seq.params
         if stream.first_token_at is None:
             stream.first_token_at = time.monotonic()
+            if self.observe_ttft is not None:
+                self.observe_ttft(stream.first_token_at - stream.submitted_at)
         if seq.matcher is not None and not seq.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected token {token}")
         finish, hit = None, False

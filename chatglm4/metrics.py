@@ -22,6 +22,10 @@ class Metrics:
     def gauge(self, name: str, doc: str) -> Gauge:
         return Gauge(name, doc, registry=self.registry)
 
+    def histogram(self, name: str, doc: str) -> Histogram:
+        return Histogram(name, doc, registry=self.registry,
+                         buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30))
+
     def counter(self, name: str, doc: str) -> Counter:
         return Counter(name, doc, registry=self.registry)
 

@@ -285,3 +285,34 @@ def test_concurrent_requests_share_steps_and_match_solo_output(kernel, model_ser
         [c["choices"][0]["message"]["content"] for c in solo]
     tokens = sum(c["usage"]["completion_tokens"] for c in together)
     assert steps < tokens * 0.6  # decode steps were shared, not one per token per request
+
+
+def test_prefix_cache_reuses_prompt_starts_without_changing_answers(kernel, model_server):
+    from LLMkernel import Kernel
+
+    no_cache = LocalEngine(kernel.engine.loaded, prefix_cache_tokens=0)
+    try:
+        books = SEED[:8]
+        engine = kernel.engine
+        for query in ("帮我找找有关函数求导的书", "我想学法语", "量子力学"):
+            hits_before, computed_before = engine.prefixes.hit_tokens, engine.prefill_tokens
+            with_cache = book_search(model_server.url, query, books).json()["ids"]
+            assert engine.prefixes.hit_tokens > hits_before  # the instructions came from the cache
+            computed = engine.prefill_tokens - computed_before
+            without = Kernel(no_cache).run_task("book_search", {"query": query, "books": books})
+            assert with_cache == without["ids"]
+            assert computed < without["usage"]["prompt_tokens"]
+    finally:
+        no_cache.shutdown()
+
+
+def test_metrics_report_queue_batch_tokens_and_ttft(model_server):
+    requests.post(model_server.url + "/v1/chat/completions", timeout=60,
+                  json={"messages": ask("Hi"), "max_tokens": 2})
+    text = requests.get(model_server.url + "/metrics", timeout=10).text
+    for name in ("chatglm4_model_server_requests_total", "chatglm4_waiting_requests", "chatglm4_running_requests",
+                 "chatglm4_generated_tokens", "chatglm4_time_to_first_token_seconds_count",
+                 "chatglm4_model_server_request_seconds_bucket", "chatglm4_prefix_cache_hit_tokens"):
+        assert name in text, name
+    count = next(l for l in text.splitlines() if l.startswith("chatglm4_time_to_first_token_seconds_count"))
+    assert float(count.split()[-1]) >= 1

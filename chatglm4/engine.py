@@ -241,57 +241,61 @@ class LocalEngine:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Computes the new prompts' caches (reusing cached prefixes), adds them to the batch, emits
         their first tokens."""
-        reused, fresh = [], []
+        fresh: list[_Sequence] = []
+        reused: dict[int, list[tuple[_Sequence, list[tuple[Any, Any]]]]] = {}
         for seq in seqs:
             n, prefix = self.prefixes.longest(seq.stream.prompt_ids)
-            (reused if prefix is not None else fresh).append((seq, n, prefix))
+            if prefix is None:
+                fresh.append(seq)
+            else:
+                reused.setdefault(n, []).append((seq, prefix))
         if fresh:
-            self._prefill_padded([seq for seq, _, _ in fresh])
-        for seq, n, prefix in reused:
-            self._prefill_after_prefix(seq, n, prefix)
+            self._prefill_padded(fresh)
+        # Prompts whose cached prefixes have the same length (typically one shared system prompt)
+        # share one forward over their remaining tokens.
+        for n, group in reused.items():
+            self._prefill_after_prefix(n, group)
 
     def _prefill_padded(self, seqs: list[_Sequence]) -> None:
         """One right-padded forward over several whole prompts."""
+        self._prefill_rows(0, [(s, None) for s in seqs])
+
+    def _prefill_after_prefix(self, n: int, group: list[tuple[_Sequence, list[tuple[Any, Any]]]]) -> None:
+        """One forward over the tokens after each prompt's cached prefix of n tokens."""
+        self._prefill_rows(n, group)
+
+    def _prefill_rows(self, n: int, group: list[tuple[_Sequence, list[tuple[Any, Any]] | None]]) -> None:
+        """Prefills prompts whose first n tokens are cached (n = 0: none): their remaining tokens are
+        right-padded into one batch; the cached prefixes seed the cache."""
         import torch
         from transformers import DynamicCache
 
         device = self.loaded.input_device
+        seqs = [seq for seq, _ in group]
         lengths = [len(s.stream.prompt_ids) for s in seqs]
-        width = max(lengths)
+        width = max(lengths) - n
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), n + width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :lengths[i]] = torch.tensor(s.stream.prompt_ids)
+            ids[i, :lengths[i] - n] = torch.tensor(s.stream.prompt_ids[n:])
             mask[i, :lengths[i]] = 1
         cache = DynamicCache(config=self.loaded.model.config)
+        if n:
+            prefixes = [prefix for _, prefix in group]
+            for layer_idx in range(len(prefixes[0])):
+                cache.update(torch.cat([p[layer_idx][0] for p in prefixes]),
+                             torch.cat([p[layer_idx][1] for p in prefixes]), layer_idx)
         out = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
                                 past_key_values=cache, use_cache=True)
-        self.prefill_tokens += sum(lengths)
-        last = torch.tensor([n - 1 for n in lengths])
-        logits = out.logits[torch.arange(len(seqs)), last.to(out.logits.device), :].float().cpu()  # [n, vocab]
+        self.prefill_tokens += sum(lengths) - n * len(seqs)
+        last = torch.tensor([length - n - 1 for length in lengths])
+        logits = out.logits[torch.arange(len(seqs)), last.to(out.logits.device), :].float().cpu()  # [rows, vocab]
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for i, s in enumerate(seqs):
             self.prefixes.store(s.stream.prompt_ids, layers, i)
         self._join(seqs, layers, lengths, logits)
-
-    def _prefill_after_prefix(self, seq: _Sequence, n: int, prefix: list[tuple[Any, Any]]) -> None:
-        """Computes only the part of one prompt after its cached prefix of n tokens."""
-        import torch
-        from transformers import DynamicCache
-
-        device = self.loaded.input_device
-        ids = seq.stream.prompt_ids
-        cache = DynamicCache(config=self.loaded.model.config)
-        for layer_idx, (k, v) in enumerate(prefix):
-            cache.update(k, v, layer_idx)
-        out = self.loaded.model(input_ids=torch.tensor([ids[n:]], device=device),
-                                position_ids=torch.arange(n, len(ids), device=device)[None, :],
-                                past_key_values=cache, use_cache=True)
-        self.prefill_tokens += len(ids) - n
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self.prefixes.store(ids, layers, 0)
-        self._join([seq], layers, [len(ids)], out.logits[:, -1, :].float().cpu())
 
     def _join(self, seqs: list[_Sequence], layers: list[tuple[Any, Any]], lengths: list[int], logits: Any) -> None:
         self._cache.add(layers, lengths)

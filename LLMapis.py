@@ -24,6 +24,7 @@ from chatglm4.modelload import ModelLoadError, default_served_name
 from chatglm4.prompts import TemplateError
 from chatglm4.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
                                ModelCard, ModelList, Usage, completion_id, now)
+from chatglm4.wsgi import make_server
 from LLMkernel import Kernel, RequestTooLong, TaskNotFound
 
 log = logging.getLogger("LLMapis")
@@ -172,12 +173,7 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
 
 def serve(config: cfg.ModelServerConfig, state: ServerState, kernel_factory: Any = load_kernel) -> None:
     """Binds the port, loads the model in the background, serves until interrupted."""
-    import waitress
-
-    # send_bytes=1: waitress otherwise buffers ~18 KB before sending, which stalls SSE streams.
-    server = waitress.create_server(create_app(state), host=config.host, port=config.port,
-                                    threads=config.threads, send_bytes=1, channel_request_lookahead=1,
-                                    ident="chatglm4-model-server")
+    server = make_server(create_app(state), config.host, config.port, config.threads, "chatglm4-model-server")
 
     def _load() -> None:
         try:

@@ -28,6 +28,7 @@ from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest
                                ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ModelList)
 from chatglm4.retrieval import tokenize
 from chatglm4.upstream import ModelServerPool
+from chatglm4.wsgi import make_server
 
 log = logging.getLogger("serveapi")
 
@@ -226,13 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except cfg.ConfigError as exc:
         log.error("%s", exc)
         return 2
-    import waitress
-
     app = create_app(config)
     try:
-        # send_bytes=1: waitress otherwise buffers ~18 KB before sending, which stalls SSE streams.
-        server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
-                                        send_bytes=1, channel_request_lookahead=1, ident="chatglm4-gateway")
+        server = make_server(app, config.host, config.port, config.threads, "chatglm4-gateway")
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return 1

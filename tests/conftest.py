@@ -45,14 +45,13 @@ class ServerThread:
     """A WSGI app served by waitress on a loopback port in a background thread; stop() closes it."""
 
     def __init__(self, app, port: int | None = None):
-        import waitress
+        from chatglm4.wsgi import make_server
 
         self.port = port or free_port()
         # Each server gets its own socket map: waitress's default map is process-global, and two
         # loops serving one map interleave their writes.
         self.map: dict = {}
-        self.server = waitress.create_server(app, map=self.map, host="127.0.0.1", port=self.port, threads=16,
-                                             send_bytes=1, channel_request_lookahead=1)
+        self.server = make_server(app, "127.0.0.1", self.port, 16, "test-server", socket_map=self.map)
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -40,7 +40,12 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a launcher started in the background of a script inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     url = f"http://{gw_host}:{gw_port}"
     try:
         deadline, ready = time.monotonic() + READY_TIMEOUT_S, False

@@ -100,3 +100,28 @@ def test_model_server_process_reports_loading_then_ready():
         proc.terminate()
         proc.wait(timeout=20)
     assert proc.returncode in (0, -15)
+
+
+def test_make_run_launcher_serves_and_stops_both_on_ctrl_c(tmp_path):
+    import signal
+
+    gw_port, ms_port = free_port(), free_port()
+    env = {**os.environ, "GATEWAY_PORT": str(gw_port), "MODEL_SERVER_PORT": str(ms_port),
+           "DATABASE_URL": f"sqlite:///{tmp_path}/run.db", "MAX_CONTEXT": "1024"}
+    env.pop("MODEL_SERVER_URL", None)
+    proc = subprocess.Popen([PY, "-m", "chatglm4.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{gw_port}", timeout=300)
+        r = requests.post(f"http://127.0.0.1:{gw_port}/api/books/search", json={"query": "我想学法语"}, timeout=120)
+        assert r.status_code == 200 and r.json()["books"]
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "ChatGLM4 Web is ready" in output
+    for port in (gw_port, ms_port):  # both servers are gone
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=2)

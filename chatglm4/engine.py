@@ -2,8 +2,9 @@
 local transformers implementation.
 
 Streaming and whole answers are one code path: a non-streaming reply drains the same iterator. One
-worker thread owns the model; callers enqueue requests and read events from their own stream, so
-the HTTP threads never touch torch. The queue is bounded: past it, `EngineBusy` at once."""
+scheduler thread owns the model and batches the requests; callers enqueue requests and read events
+from their own stream, so the HTTP threads never touch torch. The queue is bounded: past it,
+`EngineBusy` at once."""
 
 from __future__ import annotations
 
@@ -202,6 +203,7 @@ class LocalEngine:
         self._cache = BatchKV()
         self._batch: list[_Sequence] = []
         while not self._stopping:
+            admitted: list[_Sequence] = []
             try:
                 admitted = self._admit(block=not self._batch)
                 with torch.inference_mode():
@@ -211,7 +213,7 @@ class LocalEngine:
                         self._decode_step()
             except Exception as exc:  # the scheduler's edge: fail the batch, keep serving
                 log.exception("generation failed")
-                for seq in self._batch:
+                for seq in self._batch + [s for s in admitted if s not in self._batch]:
                     seq.stream._put(exc)
                 self._batch = []
                 self._cache = BatchKV()
@@ -241,28 +243,14 @@ class LocalEngine:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Computes the new prompts' caches (reusing cached prefixes), adds them to the batch, emits
         their first tokens."""
-        fresh: list[_Sequence] = []
-        reused: dict[int, list[tuple[_Sequence, list[tuple[Any, Any]]]]] = {}
+        # Prompts whose cached prefixes have the same length (typically one shared system prompt;
+        # 0 = nothing cached) share one forward over their remaining tokens.
+        groups: dict[int, list[tuple[_Sequence, list[tuple[Any, Any]] | None]]] = {}
         for seq in seqs:
             n, prefix = self.prefixes.longest(seq.stream.prompt_ids)
-            if prefix is None:
-                fresh.append(seq)
-            else:
-                reused.setdefault(n, []).append((seq, prefix))
-        if fresh:
-            self._prefill_padded(fresh)
-        # Prompts whose cached prefixes have the same length (typically one shared system prompt)
-        # share one forward over their remaining tokens.
-        for n, group in reused.items():
-            self._prefill_after_prefix(n, group)
-
-    def _prefill_padded(self, seqs: list[_Sequence]) -> None:
-        """One right-padded forward over several whole prompts."""
-        self._prefill_rows(0, [(s, None) for s in seqs])
-
-    def _prefill_after_prefix(self, n: int, group: list[tuple[_Sequence, list[tuple[Any, Any]]]]) -> None:
-        """One forward over the tokens after each prompt's cached prefix of n tokens."""
-        self._prefill_rows(n, group)
+            groups.setdefault(n, []).append((seq, prefix))
+        for n, group in groups.items():
+            self._prefill_rows(n, group)
 
     def _prefill_rows(self, n: int, group: list[tuple[_Sequence, list[tuple[Any, Any]] | None]]) -> None:
         """Prefills prompts whose first n tokens are cached (n = 0: none): their remaining tokens are

@@ -316,3 +316,15 @@ def test_metrics_report_queue_batch_tokens_and_ttft(model_server):
         assert name in text, name
     count = next(l for l in text.splitlines() if l.startswith("chatglm4_time_to_first_token_seconds_count"))
     assert float(count.split()[-1]) >= 1
+
+
+def test_a_failing_generation_is_reported_and_the_engine_keeps_serving(kernel):
+    from chatglm4.engine import EngineError
+    from chatglm4.sampling import SamplingParams
+
+    engine = kernel.engine
+    bad = engine.generate([10 ** 9], SamplingParams(max_tokens=2))  # no such token: the forward pass raises
+    with pytest.raises(EngineError):
+        bad.collect()
+    good = engine.generate(engine.encode_chat(ask("Hi")), SamplingParams(max_tokens=2)).collect()
+    assert good.completion_tokens == 2

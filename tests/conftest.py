@@ -3,6 +3,7 @@ a SQLite catalogue per gateway and a MariaDB database of the test's own."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -136,3 +137,16 @@ def mysql_url():
 def output_dir() -> Path:
     OUTPUT.mkdir(exist_ok=True)
     return OUTPUT
+
+
+def eval_cases() -> list[dict]:
+    """The public book-search eval cases (skips the test where ../shared/eval is absent)."""
+    path = EVAL_DIR / "book_queries.jsonl"
+    if not path.exists():
+        pytest.skip("../shared/eval is not beside this checkout")
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def eval_hit(case: dict, ids: list[int]) -> bool:
+    """Relevance of one answer: a required book among the ids, or nothing where nothing matches."""
+    return bool(set(ids) & set(case.get("must_include_one_of", []))) if case["relevant"] else ids == []

@@ -14,7 +14,7 @@ from chatglm4.catalogue import load_seed_titles
 from chatglm4.conversation import fit_conversation
 from chatglm4.detok import IncrementalDecoder
 from chatglm4.engine import LocalEngine
-from conftest import EVAL_DIR, TEST_CONTEXT, ServerThread, wait_healthy
+from conftest import eval_cases, eval_hit, TEST_CONTEXT, ServerThread, wait_healthy
 
 SEED = [{"id": i, "title": t} for i, t in enumerate(load_seed_titles(), start=1)]
 
@@ -149,13 +149,6 @@ def book_search(url: str, query: str, books: list[dict]) -> requests.Response:
     return requests.post(url + "/tasks/book_search", json={"query": query, "books": books}, timeout=120)
 
 
-def eval_cases() -> list[dict]:
-    path = EVAL_DIR / "book_queries.jsonl"
-    if not path.exists():
-        pytest.skip("../shared/eval is not beside this checkout")
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-
-
 def test_book_search_task_answers_only_catalogue_ids(model_server, output_dir):
     seed_ids = {b["id"] for b in SEED}
     record = []
@@ -167,7 +160,7 @@ def test_book_search_task_answers_only_catalogue_ids(model_server, output_dir):
         assert set(ids) <= seed_ids and len(ids) == len(set(ids))
         if not case["relevant"]:
             assert ids == []  # nothing matches: no invented relevance
-        hit = bool(set(ids) & set(case.get("must_include_one_of", []))) if case["relevant"] else ids == []
+        hit = eval_hit(case, ids)
         record.append({"query": case["query"], "ids": ids, "hit": hit})
     (output_dir / "relevance_model_server.json").write_text(json.dumps(record, ensure_ascii=False, indent=1))
 

@@ -119,10 +119,13 @@ def validate(config: Any) -> None:
     if isinstance(config, ModelServerConfig):
         if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {config.dtype!r}: choose auto, float32, bfloat16 or float16")
-        if config.quantize not in (None, "8bit", "4bit"):
-            raise ConfigError(f"quantize {config.quantize!r}: choose 8bit or 4bit")
-        if config.gpus and not all(x.strip().isdigit() for x in config.gpus.split(",")):
-            raise ConfigError(f"gpus {config.gpus!r}: give GPU indices separated by commas, e.g. 0,1")
+        from .modelload import ModelLoadError, check_quantize, parse_gpus
+
+        try:  # the loader's own checks, run before anything heavy
+            check_quantize(config.quantize)
+            parse_gpus(config.gpus)
+        except ModelLoadError as exc:
+            raise ConfigError(str(exc)) from None
         if config.model and not os.path.exists(config.model):
             raise ConfigError(f"model path {config.model!r} does not exist (download it with download.py)")
     if isinstance(config, GatewayConfig):

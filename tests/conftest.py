@@ -64,7 +64,12 @@ class ServerThread:
             for channel in list(self.map.values()):
                 channel.close()
 
-        self.server.trigger.pull_trigger(close_all)
+        try:
+            self.server.trigger.pull_trigger(close_all)
+        except OSError:
+            # Seen once in a full run: the wake-up pipe's fd was already closed (EBADF). Then the loop
+            # cannot be woken, so close everything from here; the loop thread ends on its next poll.
+            close_all()
         self.thread.join(timeout=10)
 
 

@@ -17,10 +17,9 @@ from flask import Flask, Response, jsonify, request
 
 from chatglm4 import config as cfg
 from chatglm4 import errors, sse
-from chatglm4.constrain import SchemaError
-from chatglm4.engine import EngineBusy, EngineError, GenerationStream
+from chatglm4.engine import EngineBusy, EngineError, EngineStats, GenerationStream, SchemaError
+from chatglm4.engine.modelload import default_served_name
 from chatglm4.metrics import Metrics
-from chatglm4.modelload import ModelLoadError, default_served_name
 from chatglm4.prompts import TemplateError
 from chatglm4.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
                                ModelCard, ModelList, Usage, completion_id, now)
@@ -46,24 +45,41 @@ class ServerState:
             raise errors.Unavailable("the model is loading", retry_after=5, code="loading")
         return self.kernel
 
+    def stats(self) -> EngineStats:
+        return self.kernel.engine.stats() if self.kernel is not None else EngineStats()
+
+
+def _misconfigured(exc: TemplateError) -> errors.APIError:
+    log.error("template task: %s", exc)
+    return errors.APIError("this task is misconfigured on the server")
+
+
+# How the model server's own failures reach the caller: one table instead of a try block per route.
+ERRORS = {
+    RequestTooLong: lambda exc: errors.BadRequest(str(exc), code="context_length_exceeded"),
+    SchemaError: lambda exc: errors.BadRequest(str(exc)),
+    TaskNotFound: lambda exc: errors.NotFound(str(exc)),
+    EngineBusy: lambda exc: errors.Unavailable(str(exc), retry_after=1, code="queue_full"),
+    EngineError: lambda exc: errors.APIError(str(exc)),
+    TemplateError: _misconfigured,
+}
+
 
 def create_app(state: ServerState) -> Flask:
     """The model server's Flask app around `state` (whose kernel may arrive later)."""
     app = Flask(__name__)
     app.json.ensure_ascii = False
-    errors.install(app)
+    errors.install(app, ERRORS)
     metrics = Metrics("chatglm4_model_server")
     metrics.install(app)
-    metrics.gauge("chatglm4_waiting_requests", "requests queued for the engine").set_function(
-        lambda: state.kernel.engine.waiting if state.kernel else 0)
-    metrics.gauge("chatglm4_running_requests", "requests being generated").set_function(
-        lambda: state.kernel.engine.running if state.kernel else 0)
-    metrics.gauge("chatglm4_generated_tokens", "tokens generated since start").set_function(
-        lambda: state.kernel.engine.tokens_generated if state.kernel else 0)
-    metrics.gauge("chatglm4_prefill_tokens", "prompt tokens computed since start (cached prefixes excluded)"
-                  ).set_function(lambda: state.kernel.engine.prefill_tokens if state.kernel else 0)
-    metrics.gauge("chatglm4_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache").set_function(
-        lambda: state.kernel.engine.prefixes.hit_tokens if state.kernel else 0)
+    for name, doc, field in (
+            ("chatglm4_waiting_requests", "requests queued for the engine", "waiting"),
+            ("chatglm4_running_requests", "requests being generated", "running"),
+            ("chatglm4_generated_tokens", "tokens generated since start", "tokens_generated"),
+            ("chatglm4_prefill_tokens", "prompt tokens computed since start (cached prefixes excluded)",
+             "prefill_tokens"),
+            ("chatglm4_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", "prefix_hit_tokens")):
+        metrics.gauge(name, doc).set_function(lambda field=field: getattr(state.stats(), field))
     ttft = metrics.histogram("chatglm4_time_to_first_token_seconds", "from enqueue to the first generated token")
 
     @app.before_request
@@ -72,21 +88,10 @@ def create_app(state: ServerState) -> Flask:
         if state.kernel is not None and state.kernel.engine.observe_ttft is None:
             state.kernel.engine.observe_ttft = ttft.observe
 
-    def start(chat: ChatCompletionRequest) -> GenerationStream:
-        kernel = state.require_kernel()
-        try:
-            return kernel.chat(chat)
-        except RequestTooLong as exc:
-            raise errors.BadRequest(str(exc), code="context_length_exceeded") from None
-        except SchemaError as exc:
-            raise errors.BadRequest(str(exc)) from None
-        except EngineBusy as exc:
-            raise errors.Unavailable(str(exc), retry_after=1, code="queue_full") from None
-
     @app.post("/v1/chat/completions")
     def chat_completions():
         chat = ChatCompletionRequest.model_validate(errors.json_body(request))
-        stream = start(chat)
+        stream = state.require_kernel().chat(chat)
         # waitress keeps reading the socket while we generate (channel_request_lookahead), so it can
         # tell us when the client has gone: its generation is then cancelled, streamed or not.
         stream.client_gone = request.environ.get("waitress.client_disconnected")
@@ -98,13 +103,10 @@ def create_app(state: ServerState) -> Flask:
                 mimetype=sse.MIMETYPE, headers=sse.HEADERS)
         try:
             result = stream.collect()
-        except EngineError as exc:
-            raise errors.APIError(f"generation failed: {exc}") from None
         finally:
             stream.cancel()
-        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                      total_tokens=result.prompt_tokens + result.completion_tokens)
-        body = ChatCompletionResponse(id=cid, created=created, model=state.model_name, usage=usage,
+        body = ChatCompletionResponse(id=cid, created=created, model=state.model_name,
+                                      usage=Usage.of(result.prompt_tokens, result.completion_tokens),
                                       choices=[Choice(message=AssistantMessage(content=result.text),
                                                       finish_reason=result.finish_reason)])
         return jsonify(body.model_dump())
@@ -116,21 +118,7 @@ def create_app(state: ServerState) -> Flask:
 
     @app.post("/tasks/<name>")
     def task(name: str):
-        kernel = state.require_kernel()
-        body = errors.json_body(request)
-        try:
-            return jsonify(kernel.run_task(name, body))
-        except TaskNotFound as exc:
-            raise errors.NotFound(str(exc)) from None
-        except RequestTooLong as exc:
-            raise errors.BadRequest(str(exc), code="context_length_exceeded") from None
-        except EngineBusy as exc:
-            raise errors.Unavailable(str(exc), retry_after=1, code="queue_full") from None
-        except EngineError as exc:
-            raise errors.APIError(f"generation failed: {exc}") from None
-        except TemplateError as exc:
-            log.error("task %s: %s", name, exc)
-            raise errors.APIError(f"task {name} is misconfigured") from None
+        return jsonify(state.require_kernel().run_task(name, errors.json_body(request)))
 
     @app.get("/health")
     def health():
@@ -140,9 +128,10 @@ def create_app(state: ServerState) -> Flask:
             resp.status_code = 503
             resp.headers["Retry-After"] = "5"
             return resp
-        engine = state.kernel.engine
-        return jsonify({"status": "ok", "detail": {"model": state.model_name, "context_length": engine.context_length,
-                                                   "waiting": engine.waiting, "running": engine.running}})
+        stats = state.stats()
+        return jsonify({"status": "ok", "detail": {"model": state.model_name,
+                                                   "context_length": state.kernel.engine.context_length,
+                                                   "waiting": stats.waiting, "running": stats.running}})
 
     return app
 
@@ -156,8 +145,8 @@ def _cancel_on_close(stream: GenerationStream, frames: Iterator[bytes]) -> Itera
 
 
 def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
-    from chatglm4 import modelload
-    from chatglm4.engine import LocalEngine
+    from chatglm4.engine import modelload
+    from chatglm4.engine.scheduler import LocalEngine
 
     loaded = modelload.load(config.model, dtype=config.dtype, max_memory=config.max_memory,
                             max_context=config.max_context, quantize=config.quantize, gpus=config.gpus)
@@ -165,24 +154,37 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
                          prefix_cache_tokens=config.prefix_cache_tokens)
     kernel = Kernel(engine, default_max_tokens=config.default_max_tokens,
                     default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
-    kernel.warm_up()
+    try:
+        kernel.warm_up()
+    except BaseException:
+        engine.shutdown()
+        raise
     log.info("model %s ready on %s, context %d tokens, stop ids %s", loaded.name,
              modelload.describe_device(loaded), loaded.context_length, loaded.stop_token_ids)
     return kernel
 
 
-def serve(config: cfg.ModelServerConfig, state: ServerState, kernel_factory: Any = load_kernel) -> None:
-    """Binds the port, loads the model in the background, serves until interrupted."""
-    server = make_server(create_app(state), config.host, config.port, config.threads, "chatglm4-model-server")
+def load_in_background(config: cfg.ModelServerConfig, state: ServerState,
+                       kernel_factory: Any = load_kernel) -> threading.Thread:
+    """Loads the kernel into `state` on a thread; any failure becomes state.load_error (and /health
+    says "unavailable" with the reason) instead of "loading" forever."""
 
     def _load() -> None:
         try:
             state.kernel = kernel_factory(config)
-        except ModelLoadError as exc:
-            state.load_error = str(exc)
-            log.error("model not loaded: %s", exc)
+        except Exception as exc:  # bad files, out of memory, a failing warm-up: all are reported
+            state.load_error = str(exc) or type(exc).__name__
+            log.exception("model not loaded: %s", state.load_error)
 
-    threading.Thread(target=_load, name="model-loader", daemon=True).start()
+    thread = threading.Thread(target=_load, name="model-loader", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(config: cfg.ModelServerConfig, state: ServerState, kernel_factory: Any = load_kernel) -> None:
+    """Binds the port, loads the model in the background, serves until interrupted."""
+    server = make_server(create_app(state), config.host, config.port, config.threads, "chatglm4-model-server")
+    load_in_background(config, state, kernel_factory)
     log.info("model server listening on http://%s:%s", config.host, server.effective_port)
     server.run()
 

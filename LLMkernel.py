@@ -14,10 +14,9 @@ from pydantic import BaseModel
 
 from chatglm4 import book_task
 from chatglm4.conversation import ContextOverflow, fit_conversation
-from chatglm4.engine import GenerationStream, Piece
+from chatglm4.engine import Engine, GenerationStream, SamplingParams
 from chatglm4.prompts import render
-from chatglm4.protocol import BookSearchTaskRequest, ChatCompletionRequest, Usage
-from chatglm4.sampling import SamplingParams
+from chatglm4.protocol import BookSearchTaskRequest, BookSearchTaskResponse, ChatCompletionRequest, Usage
 
 
 class TaskNotFound(LookupError):
@@ -42,11 +41,13 @@ class TemplateTask:
     max_tokens: Callable[[dict], int]
     # (raw model text, variables) -> the answer's fields
     finish: Callable[[str, dict], dict]
+    # the answer's protocol type: every answer is validated against it before it leaves
+    response_model: type[BaseModel]
 
 
 def _book_prepare(request: BookSearchTaskRequest, limit: int) -> dict:
     books = book_task.narrow(request, limit)
-    return {"query": request.query, "books": books, "ids": [b["id"] for b in books]}
+    return {"query": request.query, "books": books, "ids": [b.id for b in books]}
 
 
 TASKS: dict[str, TemplateTask] = {
@@ -59,14 +60,25 @@ TASKS: dict[str, TemplateTask] = {
         schema=lambda v: book_task.ids_schema(v["ids"]) if v["ids"] else None,
         max_tokens=lambda v: book_task.max_answer_tokens(v["ids"]),
         finish=lambda text, v: {"ids": book_task.parse_ids(text, v["ids"])},
+        response_model=BookSearchTaskResponse,
     ),
 }
+
+
+def completion_budget(asked: int | None, default_max_tokens: int, context: int) -> int:
+    """Tokens kept free for a chat reply: what the request asks, else the default capped at a quarter
+    of the context (so a long history still leaves most of the context to the prompt)."""
+    if asked is not None:
+        if asked >= context:
+            raise RequestTooLong(f"max_tokens {asked} must be below the model's context of {context} tokens")
+        return asked
+    return min(default_max_tokens, context // 4)
 
 
 class Kernel:
     """Chat and template tasks over one engine."""
 
-    def __init__(self, engine: Any, *, default_max_tokens: int = 512, default_temperature: float = 0.7,
+    def __init__(self, engine: Engine, *, default_max_tokens: int = 512, default_temperature: float = 0.7,
                  candidate_limit: int = 8):
         self.engine = engine
         self.default_max_tokens = default_max_tokens
@@ -78,25 +90,14 @@ class Kernel:
     def chat(self, request: ChatCompletionRequest) -> GenerationStream:
         """Starts generating a reply; the oldest turns are dropped if the conversation is too long."""
         context = self.engine.context_length
-        asked = request.requested_max_tokens()
-        if asked is not None and asked >= context:
-            raise RequestTooLong(f"max_tokens {asked} must be below the model's context of {context} tokens")
-        reserve = asked or min(self.default_max_tokens, context // 4)
+        budget = completion_budget(request.requested_max_tokens(), self.default_max_tokens, context)
         messages = [m.model_dump() for m in request.messages]
         try:
-            _, prompt_ids = fit_conversation(messages, self.engine.encode_chat, context - reserve)
+            _, prompt_ids = fit_conversation(messages, self.engine.encode_chat, context - budget)
         except ContextOverflow as exc:
             raise RequestTooLong(str(exc)) from None
-        params = SamplingParams(
-            max_tokens=asked or min(self.default_max_tokens, context - len(prompt_ids)),
-            temperature=self.default_temperature if request.temperature is None else request.temperature,
-            top_p=request.top_p,
-            stop=request.stop,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            min_tokens=request.min_tokens,
-            grammar=self._grammar(request),
-        )
+        params = request.to_sampling_params(max_tokens=budget, default_temperature=self.default_temperature,
+                                            grammar=self._grammar(request))
         return self.engine.generate(prompt_ids, params)
 
     def _grammar(self, request: ChatCompletionRequest) -> Any:
@@ -121,8 +122,7 @@ class Kernel:
         variables = task.prepare(request, self.candidate_limit)
         schema = task.schema(variables)
         if schema is None:
-            return {**task.finish("", variables), "usage": Usage(prompt_tokens=0, completion_tokens=0,
-                                                                   total_tokens=0).model_dump()}
+            return self._answer(task, task.finish("", variables), Usage.of(0, 0))
         messages = [
             {"role": "system", "content": render(task.system_template, **variables)},
             {"role": "user", "content": render(task.user_template, **variables)},
@@ -133,7 +133,10 @@ class Kernel:
             raise RequestTooLong(f"the {name} prompt needs {len(prompt_ids)} tokens, over the context")
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                 grammar=self.engine.compile_json_schema(schema))
-        result: Piece = self.engine.generate(prompt_ids, params).collect()
-        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                      total_tokens=result.prompt_tokens + result.completion_tokens)
-        return {**task.finish(result.text, variables), "usage": usage.model_dump()}
+        result = self.engine.generate(prompt_ids, params).collect()
+        return self._answer(task, task.finish(result.text, variables),
+                            Usage.of(result.prompt_tokens, result.completion_tokens))
+
+    @staticmethod
+    def _answer(task: TemplateTask, fields: dict, usage: Usage) -> dict:
+        return task.response_model.model_validate({**fields, "usage": usage}).model_dump()

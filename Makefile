@@ -32,6 +32,8 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/catalogue.py
+	$(BIN)/python bench/libeval.py
 
 clean:
 	rm -rf $(VENV) data test-output

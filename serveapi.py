@@ -2,6 +2,7 @@
 the model server(s).
 
     python serveapi.py --port 8000 --model-server http://127.0.0.1:8001[,URL...]
+    python serveapi.py import FILE [--database-url URL]     (bulk import of .csv or .jsonl books)
 
 The catalogue routes keep working while the model servers are away; everything that needs a model
 answers 503 with Retry-After within a bounded time instead of hanging."""
@@ -11,23 +12,26 @@ from __future__ import annotations
 import hmac
 import logging
 import sys
-import threading
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import requests
 from flask import Flask, Response, jsonify, render_template, request
 
 from chatglm4 import config as cfg
-from chatglm4 import errors, sse
+from chatglm4 import embedding, errors, importer, sse
 from chatglm4.booksearch import BookSearch
-from chatglm4.catalogue import Catalogue, CatalogueUnavailable, load_seed_titles
+from chatglm4.catalogue import Catalogue, CatalogueUnavailable, TitleConflict, load_seed_titles
 from chatglm4.metrics import Metrics
 from chatglm4.openapi import Route, build
-from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest, ApiChatResponse,
+from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest, ApiChatResponse, Book, BookPatch,
                                BookListQuery, BookListResponse, BookSearchRequest, BookSearchResponse,
-                               ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ModelList)
-from chatglm4.retrieval import tokenize
+                               ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ImportResponse,
+                               ModelList)
+from chatglm4.searchindex import CatalogueIndex, FusionSettings
 from chatglm4.upstream import ModelServerPool
+from chatglm4.vectors import EmbeddingCache
 from chatglm4.wsgi import make_server
 
 log = logging.getLogger("serveapi")
@@ -43,11 +47,24 @@ ROUTES = [
     Route("POST", "/api/books/search", "book search over the catalogue", BookSearchRequest, BookSearchResponse),
     Route("GET", "/api/books", "a page of the catalogue", response=BookListResponse, query=BookListQuery),
     Route("POST", "/api/books", "add books", AddBooksRequest, AddBooksResponse),
+    Route("POST", "/api/books/import", "import a CSV or JSON-lines file of books", response=ImportResponse),
+    Route("PATCH", "/api/books/{id}", "edit a book", BookPatch, Book),
     Route("DELETE", "/api/books/{id}", "delete a book"),
     Route("GET", "/health", "state of the model server(s) and the database", response=HealthResponse, auth=False),
     Route("GET", "/metrics", "Prometheus metrics", auth=False, content_type="text/plain"),
     Route("GET", "/openapi.json", "this description", auth=False),
 ]
+
+
+# What POST /api/books/import accepts, by Content-Type.
+IMPORT_TYPES = {"text/csv": ".csv", "application/x-ndjson": ".jsonl", "application/jsonl": ".jsonl"}
+
+# How the gateway's own failures reach the caller (the model servers' come through upstream.py).
+ERRORS = {
+    CatalogueUnavailable: lambda exc: errors.Unavailable(f"the catalogue database is unavailable: {exc}",
+                                                         retry_after=5),
+    TitleConflict: lambda exc: errors.Conflict(str(exc)),
+}
 
 
 def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
@@ -56,13 +73,21 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
     app = Flask(__name__, template_folder="templates", static_folder="static")
     app.json.ensure_ascii = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    errors.install(app)
-    Metrics("chatglm4_gateway").install(app)
+    errors.install(app, ERRORS)
+    metrics = Metrics("chatglm4_gateway")
+    metrics.install(app)
 
     catalogue = catalogue or Catalogue(config.database_url, seed_titles=load_seed_titles())
     pool = pool or ModelServerPool(cfg.model_server_urls(config), connect_timeout=config.connect_timeout,
                                    read_timeout=config.upstream_timeout)
-    search = BookSearch(catalogue, pool, candidates=config.search_candidates)
+    index = build_index(config, catalogue)
+    search = BookSearch(catalogue, pool, index, candidates=config.search_candidates,
+                        model_choice=config.search_model_choice == "on")
+    metrics.gauge("chatglm4_search_books", "books in the search index").set_function(
+        lambda: index.progress()["books"])
+    for embedder in index.embedders:
+        metrics.gauge(f"chatglm4_search_embedded_{embedder.name}", f"books with a {embedder.name} embedding"
+                      ).set_function(lambda name=embedder.name: index.progress()["embedded"].get(name, 0))
     keys = cfg.api_keys(config)
     schema = {"ready": False}
     spec = build(ROUTES, "ChatGLM4 Web", VERSION)
@@ -77,13 +102,7 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         ensure_schema()
     except CatalogueUnavailable as exc:
         log.warning("catalogue not ready yet: %s", exc)
-    # jieba builds its dictionary on first use (about a second): do it now, not in the first search.
-    threading.Thread(target=tokenize, args=("预热 warm up",), name="retrieval-warm-up", daemon=True).start()
-
-    @app.errorhandler(CatalogueUnavailable)
-    def _db_down(exc: CatalogueUnavailable):
-        return errors.error_response(503, f"the catalogue database is unavailable: {exc}", "service_unavailable",
-                                     retry_after=5)
+    index.start()
 
     if config.rate_limit:
         from flask_limiter import Limiter
@@ -146,7 +165,7 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         body = BookSearchRequest.model_validate(errors.json_body(request))
         ensure_schema()
         result = search.search(body.query)
-        return jsonify(BookSearchResponse(books=[b.to_dict() for b in result.books], message=result.message).model_dump())
+        return jsonify(BookSearchResponse(books=result.books, message=result.message).model_dump())
 
     # ------------------------------------------------------------ catalogue routes
 
@@ -155,21 +174,54 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         query = BookListQuery.model_validate(request.args.to_dict())
         ensure_schema()
         books, total = catalogue.list(query.offset, query.limit)
-        return jsonify(BookListResponse(books=[b.to_dict() for b in books], total=total,
+        return jsonify(BookListResponse(books=books, total=total,
                                         offset=query.offset, limit=query.limit).model_dump())
 
     @app.post("/api/books")
     def books_add():
         body = AddBooksRequest.model_validate(errors.json_body(request))
         ensure_schema()
-        added = catalogue.add(body.titles)
-        return jsonify(AddBooksResponse(books=[b.to_dict() for b in added]).model_dump()), 201
+        added = catalogue.add_books(body.new_books())
+        search.refresh()
+        return jsonify(AddBooksResponse(books=added).model_dump()), 201
+
+    @app.post("/api/books/import")
+    def books_import():
+        """A librarian's upload: the body is a CSV (header row) or JSON-lines file, imported whole
+        or, if a line is malformed, not at all (400 naming the line)."""
+        kind = (request.mimetype or "").lower()
+        suffix = IMPORT_TYPES.get(kind)
+        if suffix is None:
+            raise errors.UnsupportedMediaType(
+                f"send the file as {' or '.join(IMPORT_TYPES)}, not {kind or 'no content type'}")
+        ensure_schema()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(request.get_data(cache=False))
+            try:
+                report = importer.import_file(catalogue, path, progress=False)
+            except importer.ImportFileError as exc:
+                raise errors.BadRequest(f"line {exc.line}: {exc.reason}; nothing was imported",
+                                        code="malformed_file") from None
+        search.refresh()
+        return jsonify(ImportResponse(lines=report.lines, added=report.added, present=report.present).model_dump())
+
+    @app.patch("/api/books/<int:book_id>")
+    def books_edit(book_id: int):
+        patch = BookPatch.model_validate(errors.json_body(request))
+        ensure_schema()
+        book = catalogue.update(book_id, patch.changes())
+        if book is None:
+            raise errors.NotFound(f"no book with id {book_id}")
+        search.refresh()
+        return jsonify(book.model_dump())
 
     @app.delete("/api/books/<int:book_id>")
     def books_delete(book_id: int):
         ensure_schema()
         if not catalogue.delete(book_id):
             raise errors.NotFound(f"no book with id {book_id}")
+        search.refresh()
         return Response(status=204)
 
     # ------------------------------------------------------------ operations
@@ -184,7 +236,7 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
             db = {"ok": False, "backend": catalogue.backend, "reason": str(exc)}
         ok = db["ok"] and any(s["ok"] for s in servers.values())
         body = HealthResponse(status="ok" if ok else "unavailable",
-                              detail={"database": db, "model_servers": servers})
+                              detail={"database": db, "model_servers": servers, "search": index.progress()})
         resp = jsonify(body.model_dump())
         if not ok:
             resp.status_code = 503
@@ -199,8 +251,16 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
     def page():
         return render_template("index.html", auth_required=bool(keys))
 
-    app.extensions["chatglm4"] = {"catalogue": catalogue, "pool": pool, "search": search}
+    app.extensions["chatglm4"] = {"catalogue": catalogue, "pool": pool, "search": search, "index": index}
     return app
+
+
+def build_index(config: cfg.GatewayConfig, catalogue: Catalogue) -> CatalogueIndex:
+    """The hybrid search index the config asks for (not started)."""
+    embedders = embedding.load(cfg.embedding_models(config))
+    cache = EmbeddingCache(config.embedding_cache) if config.embedding_cache and embedders else None
+    settings = FusionSettings(floor=config.search_floor, margin=config.search_margin)
+    return CatalogueIndex(catalogue, embedders, cache, settings, poll_interval=config.catalogue_poll)
 
 
 def _is_api(path: str) -> bool:
@@ -221,6 +281,11 @@ def _relay(upstream: requests.Response) -> Iterator[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "import":
+        from chatglm4 import importer
+
+        return importer.main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = cfg.load(cfg.GatewayConfig, argv, description=__doc__.split("\n")[0])
@@ -239,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     except KeyboardInterrupt:
         log.info("stopped")
+    finally:
+        app.extensions["chatglm4"]["index"].close()
     return 0
 
 

@@ -173,7 +173,7 @@ def safetensors_copy() -> Path:
     load a local GGUF (its config has no architectures). Same weights, already dequantized."""
     folder = HERE / ".tserve-model"
     if not (folder / "config.json").exists():
-        from chatglm4 import modelload
+        from chatglm4.engine import modelload
 
         loaded = modelload.load(None)
         config = loaded.model.config

@@ -25,7 +25,7 @@ def main() -> int:
 
     import torch
 
-    from chatglm4 import modelload
+    from chatglm4.engine import modelload
 
     loaded = modelload.load(args.model)
     model, tok = loaded.model, loaded.tokenizer

@@ -6,18 +6,16 @@ import json
 import re
 from typing import Any, Iterable
 
-from .protocol import BookSearchTaskRequest
+from .protocol import Book, BookSearchTaskRequest
 
 
-def narrow(request: BookSearchTaskRequest, limit: int) -> list[dict]:
+def narrow(request: BookSearchTaskRequest, limit: int) -> list[Book]:
     """The books the model may see: all of them when few, else the best lexical matches (maybe none)."""
-    books = [b.model_dump() for b in request.books]
-    if len(books) <= limit:
-        return books
-    from .retrieval import TitleIndex
+    if len(request.books) <= limit:
+        return list(request.books)
+    from .retrieval import KeywordIndex
 
-    hits = TitleIndex((b["id"], b["title"]) for b in books).search(request.query, limit)
-    return [{"id": c.id, "title": c.title} for c in hits]
+    return [hit.book for hit in KeywordIndex(request.books).search(request.query, limit)]
 
 
 def ids_schema(candidate_ids: list[int]) -> dict:

@@ -16,6 +16,12 @@ def setting(default: Any, env: str | None, help: str, *, flag: str | None = None
     return field(default=default, metadata={"env": env, "help": help, "flag": flag})
 
 
+def _search_candidates() -> Any:
+    # Both servers read it (the gateway retrieves this many, the model server narrows to this many
+    # when handed more), so it is declared here once.
+    return setting(8, "SEARCH_CANDIDATES", "books retrieval shows the model per search")
+
+
 @dataclass(frozen=True)
 class ModelServerConfig:
     model: str | None = setting(None, "MODEL", "local model folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
@@ -31,7 +37,7 @@ class ModelServerConfig:
     max_batch: int = setting(32, "MAX_BATCH", "sequences decoded together (continuous batching)")
     prefix_cache_tokens: int = setting(8192, "PREFIX_CACHE_TOKENS", "prompt-prefix tokens whose key/value cache is kept for reuse; 0 = off")
     max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
-    search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books a template task may show the model after retrieval")
+    search_candidates: int = _search_candidates()
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")
     # Each streamed reply holds a thread for its whole generation: keep more than max_batch + max_waiting.
     threads: int = setting(128, "MODEL_SERVER_THREADS", "HTTP worker threads")
@@ -48,7 +54,13 @@ class GatewayConfig:
     connect_timeout: float = setting(2.0, "UPSTREAM_CONNECT_TIMEOUT", "seconds to wait for a model server connection")
     max_body_bytes: int = setting(2 * 1024 * 1024, "MAX_BODY_BYTES", "largest request body accepted (413 above)")
     rate_limit: str | None = setting(None, "RATE_LIMIT", "per-client limit on API calls, e.g. '60/minute'; unset = none")
-    search_candidates: int = setting(8, "SEARCH_CANDIDATES", "books retrieval hands to the model per search")
+    search_candidates: int = _search_candidates()
+    embedding_models: str = setting("e5,use", "EMBEDDING_MODELS", "embedding models fused into book search (e5, use); empty = lexical only")
+    embedding_cache: str = setting("data/embeddings.sqlite", "EMBEDDING_CACHE", "file keeping book embeddings across restarts; empty = memory only")
+    search_floor: float | None = setting(None, "SEARCH_FLOOR", "fused score under which a search answers 书籍不存在; default: sqrt(2 ln books), calibrated on the library eval set")
+    search_margin: float = setting(1.0, "SEARCH_MARGIN", "books within this much of the best fused score are candidates")
+    search_model_choice: str = setting("on", "SEARCH_MODEL_CHOICE", "on: the model chooses among the candidates; off: retrieval's candidates are the answer")
+    catalogue_poll: float = setting(1.0, "CATALOGUE_POLL_SECONDS", "how often search reads the catalogue's change log (other processes' writes)")
     threads: int = setting(128, "GATEWAY_THREADS", "HTTP worker threads (each streamed reply holds one)")
 
 
@@ -112,14 +124,14 @@ def validate(config: Any) -> None:
         if f.name in ("threads", "default_max_tokens", "search_candidates", "max_waiting", "max_batch",
                       "max_body_bytes") and value < 1:
             raise ConfigError(f"{f.name} must be at least 1")
-        if f.name in ("upstream_timeout", "connect_timeout") and value <= 0:
+        if f.name in ("upstream_timeout", "connect_timeout", "catalogue_poll") and value <= 0:
             raise ConfigError(f"{f.name} must be positive")
         if f.name == "max_context" and value < 0:
             raise ConfigError("max_context must be 0 (the model's) or positive")
     if isinstance(config, ModelServerConfig):
         if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {config.dtype!r}: choose auto, float32, bfloat16 or float16")
-        from .modelload import ModelLoadError, check_quantize, parse_gpus
+        from .engine.modelload import ModelLoadError, check_quantize, parse_gpus
 
         try:  # the loader's own checks, run before anything heavy
             check_quantize(config.quantize)
@@ -129,6 +141,13 @@ def validate(config: Any) -> None:
         if config.model and not os.path.exists(config.model):
             raise ConfigError(f"model path {config.model!r} does not exist (download it with download.py)")
     if isinstance(config, GatewayConfig):
+        if config.search_model_choice not in ("on", "off"):
+            raise ConfigError(f"search_model_choice {config.search_model_choice!r}: choose on or off")
+        from .embedding import MODELS
+
+        for name in embedding_models(config):
+            if name not in MODELS:
+                raise ConfigError(f"embedding model {name!r}: choose from {', '.join(MODELS)}")
         if not model_server_urls(config):
             raise ConfigError("model_server: give at least one URL")
         for url in model_server_urls(config):
@@ -138,6 +157,10 @@ def validate(config: Any) -> None:
 
 def model_server_urls(config: GatewayConfig) -> list[str]:
     return [u.strip().rstrip("/") for u in config.model_server.split(",") if u.strip()]
+
+
+def embedding_models(config: GatewayConfig) -> list[str]:
+    return [m.strip() for m in config.embedding_models.split(",") if m.strip()]
 
 
 def api_keys(config: GatewayConfig) -> list[str]:

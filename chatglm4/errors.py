@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, Callable, Mapping
 
 from flask import Flask, Response
 from pydantic import ValidationError
@@ -39,12 +40,17 @@ class NotFound(APIError):
     status, type = 404, "not_found_error"
 
 
-class InvalidFields(APIError):
-    status, type = 422, "invalid_request_error"
+class UnsupportedMediaType(APIError):
+    status, type = 415, "invalid_request_error"
 
 
-class TooManyRequests(APIError):
-    status, type = 429, "rate_limit_error"
+class Conflict(APIError):
+    status, type = 409, "conflict_error"
+
+
+class GenerationFailed(RuntimeError):
+    """A generation failed after it was accepted (the engine's errors derive from this, so the
+    stream format can report them without importing the engine)."""
 
 
 class Unavailable(APIError):
@@ -59,7 +65,7 @@ class Unavailable(APIError):
 # werkzeug's statuses, named the way OpenAI-style clients expect.
 _HTTP_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-    405: "method_not_allowed", 413: "request_too_large", 415: "invalid_request_error",
+    405: "method_not_allowed", 409: "conflict_error", 413: "request_too_large", 415: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -89,8 +95,20 @@ def describe_validation(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def install(app: Flask) -> None:
-    """Registers the handlers that turn every failure into the one JSON error shape."""
+def install(app: Flask, table: Mapping[type[BaseException], Callable[[Any], APIError]] | None = None) -> None:
+    """Registers the handlers that turn every failure into the one JSON error shape.
+
+    `table` maps a server's own exception types to the APIError each becomes: one place per server
+    says how its failures reach the caller, instead of try/re-raise blocks in every route."""
+
+    for exc_type, to_api in (table or {}).items():
+        def _mapped(err: BaseException, to_api=to_api):
+            api = to_api(err)
+            if api.status >= 500 and not isinstance(api, Unavailable):
+                log.error("%s: %s", type(err).__name__, err)
+            return _api(api)
+
+        app.register_error_handler(exc_type, _mapped)
 
     @app.errorhandler(APIError)
     def _api(err: APIError):

@@ -26,9 +26,6 @@ class Metrics:
         return Histogram(name, doc, registry=self.registry,
                          buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30))
 
-    def counter(self, name: str, doc: str) -> Counter:
-        return Counter(name, doc, registry=self.registry)
-
     def install(self, app: Flask) -> None:
         """Counts every request and serves GET /metrics."""
 

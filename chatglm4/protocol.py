@@ -65,7 +65,8 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    # torch seeds generators with any 64-bit value, signed or not.
+    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1)
     response_format: ResponseFormat | None = None
     # Accepted for compatibility with OpenAI clients; they do not change sampling here.
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -88,11 +89,27 @@ class ChatCompletionRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def to_sampling_params(self, *, max_tokens: int, default_temperature: float, grammar: Any = None) -> Any:
+        """The engine's SamplingParams for this request (max_tokens decided by the caller's budget)."""
+        # Imported here: the engine package is light, but the gateway has no use for it.
+        from .engine.sampling import SamplingParams
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=self.top_p, stop=list(self.stop), seed=self.seed, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, grammar=grammar)
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 class AssistantMessage(BaseModel):
@@ -168,9 +185,110 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-# ---------------------------------------------------------------- gateway's own API
+# ---------------------------------------------------------------- the catalogue
 
-Title = str
+
+class Book(BaseModel):
+    """A book of the catalogue: the one shape the database, retrieval, the tasks and the API share."""
+
+    id: int
+    title: str
+    author: str | None = None
+    subjects: list[str] = Field(default_factory=list)
+    year: int | None = None
+    isbn: str | None = None
+    description: str | None = None
+
+
+MAX_TITLE = 255
+
+
+def _clean_text(value: str | None, limit: int, name: str) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > limit:
+        raise ValueError(f"{name} is longer than {limit} characters")
+    return value or None
+
+
+class BookFields(BaseModel):
+    """The optional fields of a book, validated once for every way a book arrives (API, import)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    author: str | None = None
+    subjects: list[str] = Field(default_factory=list, max_length=16)
+    year: int | None = Field(default=None, ge=-3000, le=3000)
+    isbn: str | None = None
+    description: str | None = None
+
+    @field_validator("author")
+    @classmethod
+    def _author(cls, v: str | None) -> str | None:
+        return _clean_text(v, 255, "author")
+
+    @field_validator("isbn")
+    @classmethod
+    def _isbn(cls, v: str | None) -> str | None:
+        return _clean_text(v, 32, "isbn")
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str | None) -> str | None:
+        return _clean_text(v, 4000, "description")
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        out = []
+        for s in v:
+            s = _clean_text(s, 64, "a subject")
+            if s and s not in out:
+                out.append(s)
+        return out
+
+
+class NewBook(BookFields):
+    """A book to add: a title and any of the optional fields (the catalogue gives the id)."""
+
+    title: str
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, v: str) -> str:
+        v = _clean_text(v, MAX_TITLE, "title")
+        if not v:
+            raise ValueError("title must not be blank")
+        return v
+
+
+class BookPatch(BookFields):
+    """PATCH /api/books/<id>: the fields to change; a field sent as null is cleared."""
+
+    title: str | None = None
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return NewBook._title(v)
+
+    @model_validator(mode="after")
+    def _something(self) -> "BookPatch":
+        if not self.model_fields_set:
+            raise ValueError("send at least one field to change")
+        if "title" in self.model_fields_set and self.title is None:
+            raise ValueError("title cannot be cleared")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """Only the fields the caller sent."""
+        return {k: getattr(self, k) for k in self.model_fields_set}
+
+
+# ---------------------------------------------------------------- gateway's own API
 
 
 class ApiChatRequest(BaseModel):
@@ -189,11 +307,6 @@ class ApiChatResponse(BaseModel):
     usage: Usage
 
 
-class BookOut(BaseModel):
-    id: int
-    title: str
-
-
 class BookSearchRequest(BaseModel):
     """POST /api/books/search."""
 
@@ -208,12 +321,12 @@ class BookSearchRequest(BaseModel):
 
 
 class BookSearchResponse(BaseModel):
-    books: list[BookOut]
+    books: list[Book]
     message: str
 
 
 class BookListResponse(BaseModel):
-    books: list[BookOut]
+    books: list[Book]
     total: int
     offset: int
     limit: int
@@ -225,24 +338,46 @@ class BookListQuery(BaseModel):
 
 
 class AddBooksRequest(BaseModel):
-    """POST /api/books."""
+    """POST /api/books: {"books": [book...]}, or the older {"titles": [str...]}."""
 
-    titles: list[str] = Field(min_length=1, max_length=10000)
+    model_config = ConfigDict(extra="forbid")
+
+    books: list[NewBook] | None = Field(default=None, min_length=1, max_length=10000)
+    titles: list[str] | None = Field(default=None, min_length=1, max_length=10000)
 
     @field_validator("titles")
     @classmethod
-    def _clean_titles(cls, v: list[str]) -> list[str]:
+    def _clean_titles(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
         cleaned = [t.strip() for t in v]
         for i, t in enumerate(cleaned):
             if not t:
                 raise ValueError(f"titles[{i}] is blank")
-            if len(t) > 255:
-                raise ValueError(f"titles[{i}] is longer than 255 characters")
+            if len(t) > MAX_TITLE:
+                raise ValueError(f"titles[{i}] is longer than {MAX_TITLE} characters")
         return cleaned
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "AddBooksRequest":
+        if (self.books is None) == (self.titles is None):
+            raise ValueError('send either "books" or "titles"')
+        return self
+
+    def new_books(self) -> list[NewBook]:
+        return self.books if self.books is not None else [NewBook(title=t) for t in self.titles]
 
 
 class AddBooksResponse(BaseModel):
-    books: list[BookOut]
+    books: list[Book]
+
+
+class ImportResponse(BaseModel):
+    """POST /api/books/import: records read, books added, records whose title was already there."""
+
+    lines: int
+    added: int
+    present: int
 
 
 class HealthResponse(BaseModel):
@@ -257,7 +392,7 @@ class BookSearchTaskRequest(BaseModel):
     """POST /tasks/book_search on the model server."""
 
     query: str = Field(min_length=1, max_length=1000)
-    books: list[BookOut] = Field(max_length=100000)
+    books: list[Book] = Field(max_length=100000)
 
 
 class BookSearchTaskResponse(BaseModel):

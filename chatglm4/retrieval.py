@@ -1,7 +1,7 @@
-"""Lexical retrieval over the book catalogue: `tokenize` turns Chinese/English text into terms (jieba
-words plus CJK unigrams and bigrams, Latin/digit words, stopwords dropped), `TitleIndex` ranks titles
-against a request with BM25 (bm25s) and keeps a bounded list of candidates, and `IndexCache` keeps one
-index per catalogue version so a server does not re-index on every request."""
+"""Lexical retrieval over books: `tokenize` turns Chinese/English text into terms (jieba words plus CJK
+unigrams and bigrams, Latin/digit words, stopwords dropped), `index_text` is what of a book is read,
+and `KeywordIndex` ranks a fixed list of books against a request with BM25 (`lexical.py`) and keeps
+a bounded list of candidates. The gateway's catalogue-wide, incremental index is `searchindex.py`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import logging
 import re
 import threading
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable, Iterable
+from typing import Iterable, NamedTuple
 
-if TYPE_CHECKING:
-    import bm25s
+from .lexical import LexicalIndex
+from .protocol import Book
 
 log = logging.getLogger(__name__)
 
@@ -110,82 +109,46 @@ def tokenize(text: str) -> list[str]:
     return list(out)
 
 
-@dataclass(frozen=True)
-class Candidate:
+def index_text(book: Book) -> str:
+    """What lexical retrieval reads of a book: its title, author and subjects."""
+    return " ".join([book.title, book.author or "", " ".join(book.subjects)])
+
+
+class Scored(NamedTuple):
     """One retrieved book and its BM25 score against the request."""
 
-    id: int
-    title: str
+    book: Book
     score: float
 
 
-class TitleIndex:
-    """BM25 index over (id, title) pairs."""
+class KeywordIndex:
+    """BM25 over a fixed list of books (title, author, subjects), keeping the books that score at
+    least RELATIVE_FLOOR of the best: what the model server uses to narrow a large list it is handed."""
 
-    def __init__(self, books: Iterable[tuple[int, str]]):
-        """Index the titles; an empty catalogue gives an index whose searches return []."""
-        self._ids: list[int] = []
-        self._titles: list[str] = []
-        corpus: list[list[str]] = []
-        for book_id, title in books:
-            self._ids.append(int(book_id))
-            self._titles.append(title)
-            corpus.append(tokenize(title))
-        self._bm25: bm25s.BM25 | None = None
-        self._vocab: dict[str, int] = {}
-        # bm25s cannot build a vocabulary out of nothing, so a catalogue without a single term
-        # (empty, or titles that are all punctuation/stopwords) stays unindexed.
-        if any(corpus):
-            import bm25s
-
-            # bm25s logs every index build at DEBUG on a logger of its own; keep server logs quiet.
-            logging.getLogger("bm25s").setLevel(logging.WARNING)
-            self._bm25 = bm25s.BM25()
-            self._bm25.index(corpus, show_progress=False)
-            self._vocab = self._bm25.vocab_dict
-        log.debug("indexed %d titles, %d terms", len(self._ids), len(self._vocab))
+    def __init__(self, books: Iterable[Book]):
+        self._books: list[Book] = []
+        self._index = LexicalIndex()
+        for book in books:
+            self._books.append(book)
+            self._index.add(tokenize(index_text(book)))
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._books)
 
-    def search(self, query: str, k: int) -> list[Candidate]:
-        """At most k titles matching the query, best first, ties by lower id; [] when nothing matches."""
-        if self._bm25 is None or k <= 0:
-            return []
-        # bm25s fails on tokens outside its vocabulary; "" is its own placeholder for empty docs.
-        term_ids = [self._vocab[t] for t in tokenize(query) if t and t in self._vocab]
-        if not term_ids:
+    def search(self, query: str, k: int) -> list[Scored]:
+        """At most k books matching the query, best first, ties by lower id; [] when nothing matches."""
+        if not self._books or k <= 0:
             return []
         import numpy as np
 
-        scores = self._bm25.get_scores_from_ids(term_ids)
+        scores, _ = self._index.scores(tokenize(query))
         best = float(scores.max())
         if best <= 0.0:
             return []
         keep = np.flatnonzero(scores >= best * RELATIVE_FLOOR)
-        keep = keep[scores[keep] > 0.0]
-        ids = np.asarray(self._ids)[keep]
+        ids = np.asarray([self._books[i].id for i in keep], dtype=np.int64)
         order = np.lexsort((ids, -scores[keep]))[:k]
-        return [Candidate(int(ids[i]), self._titles[keep[i]], float(scores[keep[i]])) for i in order]
-
-
-class IndexCache:
-    """Keeps one TitleIndex per catalogue fingerprint; rebuilds when the fingerprint changes. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fingerprint: Hashable | None = None
-        self._index: TitleIndex | None = None
-
-    def get(self, fingerprint: Hashable, load_books: Callable[[], Iterable[tuple[int, str]]]) -> TitleIndex:
-        """The index for this fingerprint, built from load_books() only when it differs from the last one."""
-        # Building under the lock means concurrent requests after a catalogue change build it once.
-        with self._lock:
-            if self._index is None or self._fingerprint != fingerprint:
-                self._index = TitleIndex(load_books())
-                self._fingerprint = fingerprint
-                log.info("catalogue index rebuilt: %d titles", len(self._index))
-            return self._index
+        return [Scored(self._books[keep[i]], float(scores[keep[i]])) for i in order]
 
 
 def _main() -> None:
@@ -196,14 +159,14 @@ def _main() -> None:
     repo = Path(__file__).resolve().parent.parent
     eval_path = Path(sys.argv[1]) if len(sys.argv) > 1 else repo.parent / "shared" / "eval" / "book_queries.jsonl"
     titles = (Path(__file__).parent / "data" / "seed_books.txt").read_text(encoding="utf-8").splitlines()
-    index = TitleIndex(enumerate(titles, start=1))
+    index = KeywordIndex(Book(id=i, title=t) for i, t in enumerate(titles, start=1))
     hits = total = 0
     for line in eval_path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         case = json.loads(line)
         found = index.search(case["query"], 8)
-        top = [c.id for c in found]
+        top = [c.book.id for c in found]
         if case.get("must_include_one_of"):
             ok = bool(set(top) & set(case["must_include_one_of"]))
         else:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
-from .engine import EngineError, Piece
-from .errors import error_body
+from .errors import GenerationFailed, error_body
 from .protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, Usage
 
 log = logging.getLogger(__name__)
@@ -20,11 +19,20 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MIMETYPE = "text/event-stream"
 
 
+class StreamStep(Protocol):
+    """What a stream yields (the engine's Delta), named here so this module needs no engine."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
 def event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-def chat_chunks(pieces: Iterable[Piece], *, id: str, created: int, model: str,
+def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: str,
                 include_usage: bool) -> Iterator[bytes]:
     """SSE frames for one streamed chat completion."""
 
@@ -38,18 +46,17 @@ def chat_chunks(pieces: Iterable[Piece], *, id: str, created: int, model: str,
         return event(payload)
 
     yield chunk(DeltaMessage(role="assistant", content=""))
-    last = Piece("")
+    last: StreamStep | None = None
     try:
         for piece in pieces:
             last = piece
             if piece.text:
                 yield chunk(DeltaMessage(content=piece.text))
-        yield chunk(DeltaMessage(), finish=last.finish_reason or "stop")
+        yield chunk(DeltaMessage(), finish=(last and last.finish_reason) or "stop")
         if include_usage:
-            usage = Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                          total_tokens=last.prompt_tokens + last.completion_tokens)
+            usage = Usage.of(last.prompt_tokens, last.completion_tokens) if last else Usage.of(0, 0)
             yield chunk(DeltaMessage(), usage=usage, choices=False)
-    except EngineError as exc:
+    except GenerationFailed as exc:
         log.warning("stream failed after it started: %s", exc)
         yield event(error_body(f"generation failed: {exc}", "internal_error"))
     yield DONE

@@ -34,6 +34,9 @@ function humanError(status, body, retryAfter) {
     return "模型服务暂不可用 The model server is unavailable right now (503); it may be starting or stopped." + wait;
   }
   if (status >= 500) return "服务器出错 Something went wrong on the server (" + status + ")." + wait;
+  if (status === 409) return "冲突 Conflict (409)" + (detail ? ": " + detail : ": the change clashes with another book.");
+  if (status === 400 && code === "malformed_file") return "文件有误，未导入 The file was not imported (400)" + (detail ? ": " + detail : ".");
+  if (status === 415) return "文件类型不支持 Unsupported file type (415)" + (detail ? ": " + detail : ".");
   if (status === 400 || status === 422) return "请求无效 The request was not accepted (" + status + ")" + (detail ? ": " + detail : ".");
   return "请求失败 The request failed (" + status + ")" + (detail ? ": " + detail : ".");
 }
@@ -44,12 +47,13 @@ async function errorFrom(resp) {
   return new Error(humanError(resp.status, data, resp.headers.get("Retry-After")));
 }
 
-async function api(method, path, body) {
+// A JSON request; `raw` = {body, type} sends a body as is (a file upload) with that Content-Type.
+async function api(method, path, body, raw) {
   let resp;
   try {
     resp = await fetch(path, {
-      method, headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: body === undefined ? undefined : JSON.stringify(body),
+      method, headers: { "Content-Type": raw ? raw.type : "application/json", ...authHeaders() },
+      body: raw ? raw.body : body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (e) {
     throw new Error(humanError(0));
@@ -81,7 +85,7 @@ $("keybox").addEventListener("submit", (ev) => {
   if (key) localStorage.setItem(KEY, key); else localStorage.removeItem(KEY);  // Save on empty forgets it
   $("apikey").value = "";
   showKeyState();
-  for (const id of ["chaterror", "searcherror", "caterror"]) $(id).textContent = "";
+  for (const id of ["chaterror", "searcherror", "caterror", "importerror"]) $(id).textContent = "";
   if (currentView() === "catalogue") loadCatalogue();
 });
 showKeyState();
@@ -255,19 +259,54 @@ $("newchat").addEventListener("click", () => {
   $("prompt").focus();
 });
 
-// ---------------------------------------------------------------- search
-function bookItem(book, withDelete) {
+// ---------------------------------------------------------------- book rows
+function span(cls, text) {
+  const el = document.createElement("span");
+  el.className = cls;
+  el.textContent = text;
+  return el;
+}
+
+function button(cls, zh, en, label) {
+  const b = document.createElement("button");
+  b.className = cls; b.type = "button";
+  b.append(zh, span("en", " " + en));
+  if (label) b.setAttribute("aria-label", label);
+  return b;
+}
+
+// Author, year and subjects under the title (only those the book has).
+function bookMeta(book) {
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  if (book.author) meta.appendChild(span("author", book.author));
+  if (book.year !== null && book.year !== undefined) meta.appendChild(span("year", String(book.year)));
+  if (book.subjects && book.subjects.length) {
+    const subjects = document.createElement("span");
+    subjects.className = "subjects";
+    subjects.setAttribute("aria-label", "Subjects: " + book.subjects.join("; "));
+    book.subjects.forEach((s) => subjects.appendChild(span("subject", s)));
+    meta.appendChild(subjects);
+  }
+  return meta;
+}
+
+// A search result or (withActions) a catalogue row with Edit and Delete.
+function bookItem(book, withActions) {
   const li = document.createElement("li");
   li.dataset.id = String(book.id);
-  const id = document.createElement("span"); id.className = "id"; id.textContent = "#" + book.id;
-  const title = document.createElement("span"); title.className = "title"; title.textContent = book.title;
-  li.append(id, title);
-  if (withDelete) {
-    const del = document.createElement("button");
-    del.className = "plain"; del.type = "button";
-    const en = document.createElement("span"); en.className = "en"; en.textContent = " Delete";
-    del.append("删除", en);
-    del.setAttribute("aria-label", "Delete #" + book.id);
+  const info = document.createElement("div");
+  info.className = "book";
+  info.appendChild(span("title", book.title));
+  const meta = bookMeta(book);
+  if (meta.childNodes.length) info.appendChild(meta);
+  li.append(span("id", "#" + book.id), info);
+  if (withActions) {
+    const actions = document.createElement("div");
+    actions.className = "rowactions";
+    const edit = button("plain edit", "编辑", "Edit", "Edit #" + book.id);
+    edit.addEventListener("click", () => openEditor(li, book));
+    const del = button("plain delete", "删除", "Delete", "Delete #" + book.id);
     del.addEventListener("click", async () => {
       del.disabled = true;
       let failure = "";
@@ -276,11 +315,111 @@ function bookItem(book, withDelete) {
       if (failure) $("caterror").textContent = failure;
       else $("catmsg").textContent = "已删除 Deleted #" + book.id + " " + book.title;
     });
-    li.appendChild(del);
+    actions.append(edit, del);
+    li.appendChild(actions);
   }
   return li;
 }
 
+// "a; b；c" -> ["a", "b", "c"] (a full-width ； from a Chinese keyboard counts too).
+function splitSubjects(text) {
+  const out = [];
+  text.split(/[;；]/).map((s) => s.trim()).filter(Boolean).forEach((s) => { if (!out.includes(s)) out.push(s); });
+  return out;
+}
+
+// "" -> null, "1999" -> 1999, anything else -> undefined (not a year).
+function parseYear(text) {
+  const t = text.trim();
+  if (!t) return null;
+  return /^-?\d{1,4}$/.test(t) ? parseInt(t, 10) : undefined;
+}
+
+const YEAR_ERROR = "年份须为整数 The year must be a whole number, such as 1999.";
+
+function field(form, name, labelText, value, wide) {
+  const id = "edit-" + name + "-" + form.dataset.id;
+  const label = document.createElement("label");
+  label.htmlFor = id; label.textContent = labelText;
+  const input = document.createElement("input");
+  input.type = "text"; input.id = id; input.name = name; input.value = value;
+  input.autocomplete = "off";
+  if (name === "year") input.inputMode = "numeric";
+  if (wide) input.className = "wide";
+  form.append(label, input);
+  return input;
+}
+
+// Replaces the row's content with a form prefilled from `book`; Save sends the changed fields only.
+function openEditor(li, book) {
+  const row = Array.from(li.childNodes);
+  li.textContent = "";
+  li.classList.remove("new");
+  li.classList.add("editing");
+  const form = document.createElement("form");
+  form.className = "edit";
+  form.dataset.id = String(book.id);
+  form.setAttribute("aria-label", "Edit #" + book.id);
+  const title = field(form, "title", "书名 Title", book.title, true);
+  const author = field(form, "author", "作者 Author", book.author || "", false);
+  const year = field(form, "year", "年份 Year", book.year === null || book.year === undefined ? "" : String(book.year), false);
+  const subjects = field(form, "subjects", "主题 Subjects", (book.subjects || []).join("; "), true);
+  subjects.placeholder = "separated by ;";
+  const error = document.createElement("div");
+  error.className = "error editerror"; error.setAttribute("role", "alert");
+  const buttons = document.createElement("div");
+  buttons.className = "buttons";
+  const save = document.createElement("button");
+  save.className = "primary save"; save.type = "submit"; save.textContent = "保存 Save";
+  const cancel = document.createElement("button");
+  cancel.className = "plain cancel"; cancel.type = "button"; cancel.textContent = "取消 Cancel";
+  buttons.append(save, cancel, span("hint", "#" + book.id + " · Esc to cancel"));
+  form.append(error, buttons);
+  li.appendChild(form);
+  title.focus();
+
+  const restore = () => {
+    li.textContent = "";
+    li.classList.remove("editing");
+    li.append(...row);
+    const edit = li.querySelector("button.edit");
+    if (edit) edit.focus();
+  };
+  cancel.addEventListener("click", restore);
+  form.addEventListener("keydown", (ev) => { if (ev.key === "Escape") { ev.preventDefault(); restore(); } });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (save.disabled) return;
+    error.textContent = "";
+    const changes = {};
+    const newTitle = title.value.trim();
+    if (!newTitle) { error.textContent = "书名不能为空 The title cannot be empty."; title.focus(); return; }
+    if (newTitle !== book.title) changes.title = newTitle;
+    const newAuthor = author.value.trim() || null;
+    if (newAuthor !== (book.author || null)) changes.author = newAuthor;
+    const newSubjects = splitSubjects(subjects.value);
+    if (JSON.stringify(newSubjects) !== JSON.stringify(book.subjects || [])) changes.subjects = newSubjects;
+    const newYear = parseYear(year.value);
+    if (newYear === undefined) { error.textContent = YEAR_ERROR; year.focus(); return; }
+    if (newYear !== (book.year === undefined ? null : book.year)) changes.year = newYear;
+    if (!Object.keys(changes).length) { restore(); $("catmsg").textContent = "没有改动 Nothing changed for #" + book.id; return; }
+    save.disabled = true; cancel.disabled = true;
+    try {
+      const updated = await api("PATCH", "/api/books/" + book.id, changes);
+      const fresh = bookItem(updated, true);
+      fresh.classList.add("new");
+      li.replaceWith(fresh);
+      $("catmsg").textContent = "已保存 Saved #" + updated.id + " " + updated.title;
+      const edit = fresh.querySelector("button.edit");
+      if (edit) edit.focus();
+    } catch (e) {
+      error.textContent = e.message;
+      save.disabled = false; cancel.disabled = false;
+    }
+  });
+}
+
+// ---------------------------------------------------------------- search
 $("searchform").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const query = $("query").value.trim();
@@ -343,10 +482,20 @@ $("addform").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const titles = $("newtitles").value.split("\n").map((t) => t.trim()).filter(Boolean);
   if (!titles.length) return;
+  // The optional fields go with every title of the list.
+  const extra = {};
+  const author = $("newauthor").value.trim();
+  if (author) extra.author = author;
+  const subjects = splitSubjects($("newsubjects").value);
+  if (subjects.length) extra.subjects = subjects;
+  const year = parseYear($("newyear").value);
+  if (year === undefined) { $("caterror").textContent = YEAR_ERROR; $("newyear").focus(); return; }
+  if (year !== null) extra.year = year;
+  $("caterror").textContent = "";
   $("addbtn").disabled = true;
   try {
-    const data = await api("POST", "/api/books", { titles });
-    $("newtitles").value = "";
+    const data = await api("POST", "/api/books", { books: titles.map((title) => ({ title, ...extra })) });
+    for (const id of ["newtitles", "newauthor", "newsubjects", "newyear"]) $(id).value = "";
     const ids = data.books.map((b) => b.id);
     $("catmsg").textContent = "已添加 Added " + data.books.map((b) => "#" + b.id + " " + b.title).join(", ");
     // New books get the highest ids, so they are on the last page.
@@ -355,5 +504,45 @@ $("addform").addEventListener("submit", async (ev) => {
     $("caterror").textContent = e.message;
   } finally {
     $("addbtn").disabled = false;
+  }
+});
+
+
+// ---------------------------------------------------------------- import a file
+// The Content-Type the import route expects, from the file's name (or the type the browser gives).
+function importType(file) {
+  const name = file.name.toLowerCase();
+  if (name.endsWith(".csv") || file.type === "text/csv") return "text/csv";
+  if (name.endsWith(".jsonl") || name.endsWith(".ndjson") || file.type === "application/x-ndjson") return "application/x-ndjson";
+  return "";
+}
+
+$("importfile").addEventListener("change", async () => {
+  const input = $("importfile");
+  const file = input.files && input.files[0];
+  if (!file || input.disabled) return;
+  $("importmsg").textContent = ""; $("importerror").textContent = ""; $("catmsg").textContent = "";
+  const type = importType(file);
+  if (!type) {
+    $("importerror").textContent = "文件类型不支持 Choose a .csv or .jsonl file (" + file.name + " is neither).";
+    input.value = "";
+    return;
+  }
+  input.disabled = true;
+  $("importbtn").classList.add("busy");
+  $("importmsg").textContent = "导入中 Importing " + file.name + "…";
+  try {
+    const r = await api("POST", "/api/books/import", undefined, { body: file, type });
+    $("importmsg").textContent = "已导入 " + file.name + "：新增 " + r.added + " 本，已有 " + r.present + " 本 · "
+      + r.added + " added, " + r.present + " already present (" + r.lines + " records).";
+    // New books get the highest ids: show the last page, where they landed.
+    await loadCatalogue(r.added ? { last: true } : {});
+  } catch (e) {
+    $("importmsg").textContent = "";
+    $("importerror").textContent = e.message;
+  } finally {
+    input.value = "";  // choosing the same file again imports it again
+    input.disabled = false;
+    $("importbtn").classList.remove("busy");
   }
 });

@@ -15,6 +15,7 @@ import pymysql
 import pytest
 import requests
 
+from bench import libeval
 from chatglm4 import config as cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ class ServerThread:
         from chatglm4.wsgi import make_server
 
         self.port = port or free_port()
+        self.app = app
         # Each server gets its own socket map: waitress's default map is process-global, and two
         # loops serving one map interleave their writes.
         self.map: dict = {}
@@ -58,7 +60,12 @@ class ServerThread:
         self.thread.start()
 
     def stop(self) -> None:
-        """Closes the listener and every open connection, as a process exit would."""
+        """Closes the listener and every open connection, as a process exit would; once."""
+        # A second pull_trigger would write into the wake-up pipe's old fd number, which by then may
+        # belong to another file or socket of this process.
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
 
         def close_all() -> None:  # runs inside the server's own loop, so select never sees a closed fd
             for channel in list(self.map.values()):
@@ -71,6 +78,10 @@ class ServerThread:
             # cannot be woken, so close everything from here; the loop thread ends on its next poll.
             close_all()
         self.thread.join(timeout=10)
+        # A gateway's search index follows its database in background threads: end them too.
+        index = getattr(self.app, "extensions", {}).get("chatglm4", {}).get("index")
+        if index is not None:
+            index.close()
 
 
 @pytest.fixture(scope="session")
@@ -85,16 +96,59 @@ def kernel(model_config):
     return load_kernel(model_config)
 
 
-@pytest.fixture(scope="session")
-def model_server(kernel):
-    from LLMapis import ServerState, create_app
+class Servers:
+    """Starts servers for one test (or session) and stops them all at its end."""
 
-    state = ServerState("SmolLM2-135M-Instruct")
-    state.kernel = kernel
-    server = ServerThread(create_app(state))
-    wait_healthy(server.url)
-    yield server
-    server.stop()
+    def __init__(self) -> None:
+        self._started: list[ServerThread] = []
+
+    def __call__(self, app, port: int | None = None, healthy: bool = True) -> ServerThread:
+        """Serves `app` on loopback; waits for /health to answer 200 unless healthy=False."""
+        server = ServerThread(app, port)
+        self._started.append(server)
+        if healthy:
+            wait_healthy(server.url)
+        return server
+
+    def model_server(self, kernel, name: str = "SmolLM2-135M-Instruct", **kwargs) -> ServerThread:
+        """A model server around `kernel` (None: one still loading)."""
+        from LLMapis import ServerState, create_app
+
+        state = ServerState(name)
+        state.kernel = kernel
+        server = self(create_app(state), healthy=kernel is not None, **kwargs)
+        server.state = state
+        return server
+
+    def gateway(self, model_url: str, db_url: str, healthy: bool = True, **overrides) -> ServerThread:
+        from serveapi import create_app
+
+        return self(create_app(gateway_config(model_url, db_url, **overrides)), healthy=healthy)
+
+    def stop_all(self) -> None:
+        while self._started:
+            self._started.pop().stop()
+
+
+@pytest.fixture
+def serve():
+    """A factory of servers (`serve(app)`, `serve.model_server(kernel)`, `serve.gateway(url, db)`),
+    every one stopped when the test ends."""
+    servers = Servers()
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def session_servers():
+    servers = Servers()
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def model_server(kernel, session_servers):
+    return session_servers.model_server(kernel)
 
 
 def gateway_config(model_url: str, db_url: str, **overrides) -> cfg.GatewayConfig:
@@ -103,36 +157,46 @@ def gateway_config(model_url: str, db_url: str, **overrides) -> cfg.GatewayConfi
 
 
 @pytest.fixture(scope="session")
-def gateway(model_server, tmp_path_factory):
-    from serveapi import create_app
-
+def gateway(model_server, session_servers, tmp_path_factory):
     db = tmp_path_factory.mktemp("gw") / "catalogue.db"
-    server = ServerThread(create_app(gateway_config(model_server.url, f"sqlite:///{db}")))
-    wait_healthy(server.url)
-    yield server
-    server.stop()
+    return session_servers.gateway(model_server.url, f"sqlite:///{db}")
 
 
-def mysql_available() -> bool:
+MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+
+
+def mysql_connection() -> pymysql.connections.Connection:
+    """A server-level connection to the local MariaDB (autocommit)."""
+    return pymysql.connect(**MYSQL, connect_timeout=3, charset="utf8mb4", autocommit=True)
+
+
+def mysql_database_exists(name: str) -> bool:
+    conn = mysql_connection()
     try:
-        pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3).close()
-        return True
-    except pymysql.err.OperationalError:
-        return False
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
 
 
 @pytest.fixture
 def mysql_url():
-    """A MariaDB database name of this test's own (created by the code under test), dropped afterwards."""
-    if not mysql_available():
+    """The URL of a MariaDB database of this test's own that does not exist yet (the code under test
+    creates it); dropped afterwards."""
+    try:
+        mysql_connection().close()
+    except pymysql.err.OperationalError as error:
         if os.environ.get("CHATGLM4_SKIP_MYSQL") == "1":
             pytest.skip("MariaDB unreachable and CHATGLM4_SKIP_MYSQL=1")
-        pytest.fail("MariaDB at 127.0.0.1:3306 is unreachable (.ci/run starts it)")
-    name = "glm4_gw_" + uuid.uuid4().hex[:10]
+        pytest.fail(f"MariaDB at 127.0.0.1:3306 is unreachable ({error}); .ci/run starts it")
+    name = "glm4_test_" + uuid.uuid4().hex[:12]
+    assert not mysql_database_exists(name)
     yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="")
+    conn = mysql_connection()
     try:
         with conn.cursor() as cur:
+            # The name is generated above from hex digits only.
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         conn.close()
@@ -144,14 +208,13 @@ def output_dir() -> Path:
     return OUTPUT
 
 
-def eval_cases() -> list[dict]:
-    """The public book-search eval cases (skips the test where ../shared/eval is absent)."""
-    path = EVAL_DIR / "book_queries.jsonl"
+def eval_cases(name: str = "book_queries.jsonl") -> list[dict]:
+    """Public book-search eval cases (skips the test where ../shared/eval is absent)."""
+    path = EVAL_DIR / name
     if not path.exists():
         pytest.skip("../shared/eval is not beside this checkout")
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
-def eval_hit(case: dict, ids: list[int]) -> bool:
-    """Relevance of one answer: a required book among the ids, or nothing where nothing matches."""
-    return bool(set(ids) & set(case.get("must_include_one_of", []))) if case["relevant"] else ids == []
+# The one definition of a correct book-search answer, shared with the benchmark's library eval.
+eval_hit = libeval.hit

@@ -17,7 +17,7 @@ import requests
 
 import download
 import tiny_glm
-from conftest import ROOT, ServerThread, free_port, wait_healthy
+from conftest import ROOT, free_port
 from modelscope_stub import StubHub
 
 MODEL_ID = download.DEFAULT_MODEL
@@ -70,7 +70,7 @@ def assert_same_files(got: Path, want: Path) -> None:
     assert got_files == want_files
 
 
-def test_download_then_serve(hub, client_env, tiny_model, tmp_path):
+def test_download_then_serve(hub, client_env, tiny_model, tmp_path, serve):
     dest = tmp_path / "models" / "glm-4-9b-chat-hf"
     env = {**client_env, "MODELSCOPE_ENDPOINT": hub.url}  # the environment variable, not --endpoint
     result = run_download(env, "--local-dir", str(dest))  # no MODEL_ID: the default one
@@ -81,14 +81,11 @@ def test_download_then_serve(hub, client_env, tiny_model, tmp_path):
     assert len(hub.downloads()) == len(list(tiny_model.iterdir()))
 
     from chatglm4 import config as cfg
-    from LLMapis import ServerState, create_app, load_kernel
+    from LLMapis import load_kernel
 
     kernel = load_kernel(cfg.ModelServerConfig(model=str(dest), default_temperature=0.0, default_max_tokens=8))
-    state = ServerState("glm-4-9b-chat-hf")
-    state.kernel = kernel
-    server = ServerThread(create_app(state))
     try:
-        wait_healthy(server.url, timeout=30)
+        server = serve.model_server(kernel, name="glm-4-9b-chat-hf")
         chat = requests.post(server.url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "你好"}], "max_tokens": 8})
         assert chat.status_code == 200, chat.text
@@ -103,7 +100,6 @@ def test_download_then_serve(hub, client_env, tiny_model, tmp_path):
         ids = search.json()["ids"]
         assert isinstance(ids, list) and set(ids) <= {3, 7, 12}
     finally:
-        server.stop()
         kernel.engine.shutdown()
 
 

@@ -12,21 +12,21 @@ import requests
 
 from chatglm4.catalogue import Catalogue, load_seed_titles
 from conftest import eval_cases, eval_hit, ServerThread, free_port, gateway_config, wait_healthy
+from stubs import StubPool
 
 SEED_TITLES = load_seed_titles()
 
 
-def new_gateway(model_url: str, tmp_path, **overrides) -> ServerThread:
-    from serveapi import create_app
-
-    db = overrides.pop("database_url", f"sqlite:///{tmp_path}/catalogue-{free_port()}.db")
-    return ServerThread(create_app(gateway_config(model_url, db, **overrides)))
+def sqlite_url(tmp_path) -> str:
+    """A SQLite catalogue of the test's own."""
+    return f"sqlite:///{tmp_path}/catalogue.db"
 
 
-def assert_error(r: requests.Response, status: int) -> dict:
+def assert_error(r, status: int) -> dict:
+    """`r`: a requests response, or a Flask test client's (both have .status_code, .headers, .text)."""
     assert r.status_code == status, r.text
     assert r.headers["Content-Type"].startswith("application/json")
-    err = r.json()["error"]
+    err = json.loads(r.text)["error"]
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
     return err
 
@@ -74,7 +74,7 @@ def test_book_search_is_valid_and_grounded_on_the_eval(gateway, output_dir):
         body = r.json()
         assert set(body) == {"books", "message"} and isinstance(body["message"], str)
         for book in body["books"]:
-            assert set(book) == {"id", "title"} and catalogue[book["id"]] == book["title"]
+            assert set(book) == {"id", "title", "author", "subjects", "year", "isbn", "description"} and catalogue[book["id"]] == book["title"]
         ids = [b["id"] for b in body["books"]]
         if not ids:
             assert body["message"] == "书籍不存在"
@@ -105,22 +105,18 @@ def test_catalogue_crud(gateway):
     assert gone == {"books": [], "message": "书籍不存在"}
 
 
-def test_search_over_10000_titles(model_server, tmp_path):
-    gw = new_gateway(model_server.url, tmp_path)
-    try:
-        wait_healthy(gw.url)
-        titles = [f"{SEED_TITLES[i % 25]}（第{i}版）" for i in range(10000)]
-        r = requests.post(gw.url + "/api/books", json={"titles": titles}, timeout=120)
-        assert r.status_code == 201
-        total = requests.get(gw.url + "/api/books", params={"limit": 1}, timeout=10).json()["total"]
-        assert total == 10025
-        r = requests.post(gw.url + "/api/books/search", json={"query": "我想学法语"}, timeout=120)
-        assert r.status_code == 200, r.text
-        books = r.json()["books"]
-        assert len(books) <= 8
-        assert all("法" in b["title"] for b in books)
-    finally:
-        gw.stop()
+def test_search_over_10000_titles(model_server, serve, tmp_path):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path))
+    titles = [f"{SEED_TITLES[i % 25]}（第{i}版）" for i in range(10000)]
+    r = requests.post(gw.url + "/api/books", json={"titles": titles}, timeout=120)
+    assert r.status_code == 201
+    total = requests.get(gw.url + "/api/books", params={"limit": 1}, timeout=10).json()["total"]
+    assert total == 10025
+    r = requests.post(gw.url + "/api/books/search", json={"query": "我想学法语"}, timeout=120)
+    assert r.status_code == 200, r.text
+    books = r.json()["books"]
+    assert len(books) <= 8
+    assert all("法" in b["title"] for b in books)
 
 
 def test_health_metrics_openapi(gateway):
@@ -141,6 +137,17 @@ def test_health_metrics_openapi(gateway):
 
 
 # ---------------------------------------------------------------- every error status
+
+
+@pytest.fixture(scope="module")
+def offline_gateway(tmp_path_factory):
+    """A gateway app behind Flask's test client, with no model server: for answers that never need one."""
+    from serveapi import create_app
+
+    pool = StubPool()
+    db = tmp_path_factory.mktemp("offline-gw") / "catalogue.db"
+    app = create_app(gateway_config("http://127.0.0.1:9", f"sqlite:///{db}"), pool=pool)
+    return app.test_client(), pool
 
 
 @pytest.mark.parametrize("method, path, kwargs, status", [
@@ -166,98 +173,86 @@ def test_health_metrics_openapi(gateway):
     ("POST", "/v1/chat/completions", {"json": {"messages": []}}, 422),
     ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "top_p": 0}}, 422),
 ])
-def test_bad_input_gets_its_status(gateway, method, path, kwargs, status):
-    assert_error(requests.request(method, gateway.url + path, timeout=30, **kwargs), status)
+def test_bad_input_gets_its_status(offline_gateway, method, path, kwargs, status):
+    client, pool = offline_gateway
+    kwargs = dict(kwargs)
+    if "params" in kwargs:
+        kwargs["query_string"] = kwargs.pop("params")
+    assert_error(client.open(path, method=method, **kwargs), status)
+    assert pool.calls == []
 
 
-def test_api_keys(model_server, tmp_path):
-    gw = new_gateway(model_server.url, tmp_path, api_keys="k1,k2")
-    try:
-        wait_healthy(gw.url)
-        url = gw.url + "/api/books"
-        assert_error(requests.get(url, timeout=10), 401)
-        assert_error(requests.get(url, headers={"Authorization": "Bearer nope"}, timeout=10), 401)
-        assert_error(requests.get(url, headers={"Authorization": "Basic k1"}, timeout=10), 401)
-        assert requests.get(url, headers={"Authorization": "Bearer k2"}, timeout=10).status_code == 200
-        # the page, health and the description stay public
-        for path in ("/", "/health", "/openapi.json"):
-            assert requests.get(gw.url + path, timeout=10).status_code == 200
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="k1", max_retries=0, timeout=60)
-        assert client.models.list().data
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=gw.url + "/v1", api_key="bad", max_retries=0).models.list()
-    finally:
-        gw.stop()
+def test_api_keys(model_server, serve, tmp_path):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), api_keys="k1,k2")
+    url = gw.url + "/api/books"
+    assert_error(requests.get(url, timeout=10), 401)
+    assert_error(requests.get(url, headers={"Authorization": "Bearer nope"}, timeout=10), 401)
+    assert_error(requests.get(url, headers={"Authorization": "Basic k1"}, timeout=10), 401)
+    assert requests.get(url, headers={"Authorization": "Bearer k2"}, timeout=10).status_code == 200
+    # the page, health and the description stay public
+    for path in ("/", "/health", "/openapi.json"):
+        assert requests.get(gw.url + path, timeout=10).status_code == 200
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="k1", max_retries=0, timeout=60)
+    assert client.models.list().data
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gw.url + "/v1", api_key="bad", max_retries=0).models.list()
 
 
-def test_rate_limit_is_a_429(model_server, tmp_path):
-    gw = new_gateway(model_server.url, tmp_path, rate_limit="3/minute")
-    try:
-        wait_healthy(gw.url)
-        codes = [requests.get(gw.url + "/api/books", timeout=10).status_code for _ in range(4)]
-        assert codes[:3] == [200, 200, 200]
-        r = requests.get(gw.url + "/api/books", timeout=10)
-        assert_error(r, 429)
-        assert r.headers["Retry-After"]
-        assert requests.get(gw.url + "/health", timeout=10).status_code == 200  # not limited
-    finally:
-        gw.stop()
+def test_rate_limit_is_a_429(model_server, serve, tmp_path):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), rate_limit="3/minute")
+    codes = [requests.get(gw.url + "/api/books", timeout=10).status_code for _ in range(4)]
+    assert codes[:3] == [200, 200, 200]
+    r = requests.get(gw.url + "/api/books", timeout=10)
+    assert_error(r, 429)
+    assert r.headers["Retry-After"]
+    assert requests.get(gw.url + "/health", timeout=10).status_code == 200  # not limited
 
 
-def test_model_server_down_then_back(kernel, tmp_path):
+def test_model_server_down_then_back(kernel, serve, tmp_path):
     from LLMapis import ServerState, create_app
 
     state = ServerState("SmolLM2-135M-Instruct")
     state.kernel = kernel
     port = free_port()
+    # Stopped mid-test, so not started through `serve`, whose teardown would stop it a second time
+    # (ServerThread.stop is not safe twice: it writes to its closed wake-up pipe's fd number).
     ms = ServerThread(create_app(state), port=port)
-    gw = new_gateway(ms.url, tmp_path)
     try:
-        wait_healthy(gw.url)
-        ms.stop()
-        for path, body in (("/api/chat", {"prompt": "hi"}), ("/api/books/search", {"query": "我想学法语"}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
-            started = time.monotonic()
-            r = requests.post(gw.url + path, json=body, timeout=30)
-            assert_error(r, 503)
-            assert int(r.headers["Retry-After"]) > 0
-            assert time.monotonic() - started < 10
-        assert_error(requests.get(gw.url + "/v1/models", timeout=30), 503)
-        assert requests.get(gw.url + "/health", timeout=30).status_code == 503
-        # the catalogue keeps working without a model
-        assert requests.get(gw.url + "/api/books", timeout=10).status_code == 200
-        ms = ServerThread(create_app(state), port=port)
-        wait_healthy(gw.url, timeout=30)
+        gw = serve.gateway(ms.url, sqlite_url(tmp_path))
+    finally:
+        ms.stop()  # the model server goes away
+    for path, body in (("/api/chat", {"prompt": "hi"}), ("/api/books/search", {"query": "我想学法语"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        started = time.monotonic()
+        r = requests.post(gw.url + path, json=body, timeout=30)
+        assert_error(r, 503)
+        assert int(r.headers["Retry-After"]) > 0
+        assert time.monotonic() - started < 10
+    assert_error(requests.get(gw.url + "/v1/models", timeout=30), 503)
+    assert requests.get(gw.url + "/health", timeout=30).status_code == 503
+    # the catalogue keeps working without a model
+    assert requests.get(gw.url + "/api/books", timeout=10).status_code == 200
+    serve(create_app(state), port=port, healthy=False)  # back on the same port
+    wait_healthy(gw.url, timeout=30)
+    r = requests.post(gw.url + "/api/chat", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_slow_model_server_is_a_503_within_the_timeout(model_server, serve, tmp_path):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), upstream_timeout=1.0)
+    started = time.monotonic()
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 400, "ignore_eos": True})
+    assert_error(r, 503)
+    assert time.monotonic() - started < 5
+
+
+def test_replicas_skip_a_dead_one(model_server, serve, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = serve.gateway(f"{dead},{model_server.url}", sqlite_url(tmp_path))
+    for _ in range(3):
         r = requests.post(gw.url + "/api/chat", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200
-    finally:
-        ms.stop()
-        gw.stop()
-
-
-def test_slow_model_server_is_a_503_within_the_timeout(model_server, tmp_path):
-    gw = new_gateway(model_server.url, tmp_path, upstream_timeout=1.0)
-    try:
-        wait_healthy(gw.url)
-        started = time.monotonic()
-        r = requests.post(gw.url + "/v1/chat/completions", timeout=30, json={
-            "messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 400, "ignore_eos": True})
-        assert_error(r, 503)
-        assert time.monotonic() - started < 5
-    finally:
-        gw.stop()
-
-
-def test_replicas_skip_a_dead_one(model_server, tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"
-    gw = new_gateway(f"{dead},{model_server.url}", tmp_path)
-    try:
-        wait_healthy(gw.url)
-        for _ in range(3):
-            r = requests.post(gw.url + "/api/chat", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
-            assert r.status_code == 200
-    finally:
-        gw.stop()
 
 
 # ---------------------------------------------------------------- injection
@@ -292,20 +287,16 @@ def test_sql_injection_through_every_string_field(gateway):
 # ---------------------------------------------------------------- MySQL
 
 
-def test_gateway_on_mysql(model_server, tmp_path, mysql_url):
-    gw = new_gateway(model_server.url, tmp_path, database_url=mysql_url)
-    try:
-        wait_healthy(gw.url)
-        assert requests.get(gw.url + "/health", timeout=10).json()["detail"]["database"]["backend"] == "mysql"
-        page = requests.get(gw.url + "/api/books", params={"limit": 25}, timeout=10).json()
-        assert [b["title"] for b in page["books"]] == SEED_TITLES and page["total"] == 25
-        assert [b["id"] for b in page["books"]] == list(range(1, 26))
-        r = requests.post(gw.url + "/api/books/search", json={"query": "帮我找找有关函数求导的书"}, timeout=120)
-        assert r.status_code == 200
-        assert all(SEED_TITLES[b["id"] - 1] == b["title"] for b in r.json()["books"])
-        added = requests.post(gw.url + "/api/books", json={"titles": INJECTIONS}, timeout=10).json()["books"]
-        assert [b["title"] for b in added] == INJECTIONS
-        assert Catalogue(mysql_url).list(0, 100)[1] == 25 + len(INJECTIONS)
-        assert requests.delete(f"{gw.url}/api/books/{added[0]['id']}", timeout=10).status_code == 204
-    finally:
-        gw.stop()
+def test_gateway_on_mysql(model_server, mysql_url, serve):
+    gw = serve.gateway(model_server.url, mysql_url)
+    assert requests.get(gw.url + "/health", timeout=10).json()["detail"]["database"]["backend"] == "mysql"
+    page = requests.get(gw.url + "/api/books", params={"limit": 25}, timeout=10).json()
+    assert [b["title"] for b in page["books"]] == SEED_TITLES and page["total"] == 25
+    assert [b["id"] for b in page["books"]] == list(range(1, 26))
+    r = requests.post(gw.url + "/api/books/search", json={"query": "帮我找找有关函数求导的书"}, timeout=120)
+    assert r.status_code == 200
+    assert all(SEED_TITLES[b["id"] - 1] == b["title"] for b in r.json()["books"])
+    added = requests.post(gw.url + "/api/books", json={"titles": INJECTIONS}, timeout=10).json()["books"]
+    assert [b["title"] for b in added] == INJECTIONS
+    assert Catalogue(mysql_url).list(0, 100)[1] == 25 + len(INJECTIONS)
+    assert requests.delete(f"{gw.url}/api/books/{added[0]['id']}", timeout=10).status_code == 204

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 import tiny_glm
-from chatglm4 import book_task, modelload
+from chatglm4 import book_task
+from chatglm4.engine import modelload
 from chatglm4 import config as cfg
-from chatglm4.engine import LocalEngine
-from chatglm4.modelload import LoadedModel, ModelLoadError
+from chatglm4.engine.scheduler import LocalEngine
+from chatglm4.engine.modelload import LoadedModel, ModelLoadError
 from chatglm4.protocol import ChatCompletionRequest
-from chatglm4.sampling import SamplingParams
+from chatglm4.engine.sampling import SamplingParams
 
 BOOKS = [{"id": 3, "title": "线性代数：从基础到前沿"}, {"id": 7, "title": "法语入门：从字母到会话"},
          {"id": 12, "title": "微积分入门：函数、极限与导数"}, {"id": 20, "title": "Python 编程：从入门到实践"}]

@@ -12,9 +12,9 @@ import requests
 
 from chatglm4.catalogue import load_seed_titles
 from chatglm4.conversation import fit_conversation
-from chatglm4.detok import IncrementalDecoder
-from chatglm4.engine import LocalEngine
-from conftest import eval_cases, eval_hit, TEST_CONTEXT, ServerThread, wait_healthy
+from chatglm4.engine.detok import IncrementalDecoder
+from chatglm4.engine.scheduler import LocalEngine
+from conftest import eval_cases, eval_hit, TEST_CONTEXT, wait_healthy
 
 SEED = [{"id": i, "title": t} for i, t in enumerate(load_seed_titles(), start=1)]
 
@@ -206,55 +206,51 @@ def test_bad_requests_get_their_status(model_server, path, body, status):
 # ---------------------------------------------------------------- loading, backpressure, cancellation
 
 
-def test_health_is_503_loading_until_the_model_is_ready(kernel):
-    from LLMapis import ServerState, create_app
-
-    state = ServerState("late-model")
-    server = ServerThread(create_app(state))
-    try:
-        wait_healthy(server.url, timeout=10, expect=503)
-        r = requests.get(server.url + "/health", timeout=5)
-        assert r.json()["status"] == "loading" and r.headers["Retry-After"]
-        r = requests.post(server.url + "/v1/chat/completions", json={"messages": ask("hi")}, timeout=5)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
-        state.kernel = kernel
-        assert requests.get(server.url + "/health", timeout=5).status_code == 200
-    finally:
-        server.stop()
+def test_health_is_503_loading_until_the_model_is_ready(kernel, serve):
+    server = serve.model_server(None, name="late-model")  # no kernel yet: still loading
+    wait_healthy(server.url, timeout=10, expect=503)
+    r = requests.get(server.url + "/health", timeout=5)
+    assert r.json()["status"] == "loading" and r.headers["Retry-After"]
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": ask("hi")}, timeout=5)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+    server.state.kernel = kernel
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
-def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(kernel):
-    from LLMapis import ServerState, create_app
+@pytest.fixture
+def small_queue_engine(kernel):
+    """An engine of the test's own over the session's weights: one running, one waiting."""
+    engine = LocalEngine(kernel.engine.loaded, max_waiting=1, max_batch=1)
+    yield engine
+    engine.shutdown()
+
+
+def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(small_queue_engine, serve):
     from LLMkernel import Kernel
 
-    engine = LocalEngine(kernel.engine.loaded, max_waiting=1, max_batch=1)
-    state = ServerState("small-queue")
-    state.kernel = Kernel(engine, default_temperature=0.0)
-    server = ServerThread(create_app(state))
+    # small_queue_engine comes before serve, so the server is stopped before its engine shuts down.
+    engine = small_queue_engine
+    server = serve.model_server(Kernel(engine, default_temperature=0.0), name="small-queue")
     long = {"messages": ask("Tell a long story."), "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    try:
-        first = requests.post(server.url + "/v1/chat/completions", json=long, stream=True, timeout=60)
-        lines = first.iter_lines()
-        next(l for l in lines if b'"content"' in l and b'"role"' not in l)  # generating now
-        second = requests.post(server.url + "/v1/chat/completions", json=long, stream=True, timeout=60)
-        started = time.monotonic()
-        third = requests.post(server.url + "/v1/chat/completions", json=long, timeout=60)
-        assert third.status_code == 503 and third.headers["Retry-After"]
-        assert third.json()["error"]["code"] == "queue_full"
-        assert time.monotonic() - started < 5
-        second.close()
-        first.close()  # the client goes away: its generation must stop
-        deadline = time.monotonic() + 20
-        while (engine.running or engine.waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert engine.running == 0 and engine.waiting == 0
-        count = engine.tokens_generated
-        time.sleep(1.0)
-        assert engine.tokens_generated == count  # nothing generates for nobody
-        assert count < 1000
-    finally:
-        server.stop()
-        engine.shutdown()
+    first = requests.post(server.url + "/v1/chat/completions", json=long, stream=True, timeout=60)
+    lines = first.iter_lines()
+    next(l for l in lines if b'"content"' in l and b'"role"' not in l)  # generating now
+    second = requests.post(server.url + "/v1/chat/completions", json=long, stream=True, timeout=60)
+    started = time.monotonic()
+    third = requests.post(server.url + "/v1/chat/completions", json=long, timeout=60)
+    assert third.status_code == 503 and third.headers["Retry-After"]
+    assert third.json()["error"]["code"] == "queue_full"
+    assert time.monotonic() - started < 5
+    second.close()
+    first.close()  # the client goes away: its generation must stop
+    deadline = time.monotonic() + 20
+    while (engine.stats().running or engine.stats().waiting) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+    count = engine.stats().tokens_generated
+    time.sleep(1.0)
+    assert engine.stats().tokens_generated == count  # nothing generates for nobody
+    assert count < 1000
 
 
 def test_concurrent_requests_share_steps_and_match_solo_output(kernel, model_server):
@@ -270,10 +266,10 @@ def test_concurrent_requests_share_steps_and_match_solo_output(kernel, model_ser
         return r.json()
 
     solo = [chat(p) for p in prompts]
-    steps_before = kernel.engine.steps
+    steps_before = kernel.engine.stats().steps
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(chat, prompts))
-    steps = kernel.engine.steps - steps_before
+    steps = kernel.engine.stats().steps - steps_before
     assert [c["choices"][0]["message"]["content"] for c in together] == \
         [c["choices"][0]["message"]["content"] for c in solo]
     tokens = sum(c["usage"]["completion_tokens"] for c in together)
@@ -288,10 +284,11 @@ def test_prefix_cache_reuses_prompt_starts_without_changing_answers(kernel, mode
         books = SEED[:8]
         engine = kernel.engine
         for query in ("帮我找找有关函数求导的书", "我想学法语", "量子力学"):
-            hits_before, computed_before = engine.prefixes.hit_tokens, engine.prefill_tokens
+            before = engine.stats()
             with_cache = book_search(model_server.url, query, books).json()["ids"]
-            assert engine.prefixes.hit_tokens > hits_before  # the instructions came from the cache
-            computed = engine.prefill_tokens - computed_before
+            after = engine.stats()
+            assert after.prefix_hit_tokens > before.prefix_hit_tokens  # the instructions came from the cache
+            computed = after.prefill_tokens - before.prefill_tokens
             without = Kernel(no_cache).run_task("book_search", {"query": query, "books": books})
             assert with_cache == without["ids"]
             assert computed < without["usage"]["prompt_tokens"]
@@ -313,7 +310,7 @@ def test_metrics_report_queue_batch_tokens_and_ttft(model_server):
 
 def test_a_failing_generation_is_reported_and_the_engine_keeps_serving(kernel):
     from chatglm4.engine import EngineError
-    from chatglm4.sampling import SamplingParams
+    from chatglm4.engine.sampling import SamplingParams
 
     engine = kernel.engine
     bad = engine.generate([10 ** 9], SamplingParams(max_tokens=2))  # no such token: the forward pass raises

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from chatglm4.catalogue import load_seed_titles
-from conftest import ServerThread, free_port, gateway_config, wait_healthy
+from conftest import ServerThread, free_port, wait_healthy
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -71,24 +71,9 @@ def shots(output_dir) -> Path:
     return folder
 
 
-def private_gateway(model_url: str, tmp_path, **overrides) -> ServerThread:
-    from serveapi import create_app
-
-    gw = ServerThread(create_app(gateway_config(model_url, f"sqlite:///{tmp_path}/catalogue-{free_port()}.db",
-                                                **overrides)))
-    return gw
-
-
-def private_model_server(kernel, port: int | None = None, default_max_tokens: int | None = None) -> ServerThread:
-    """A model server of the test's own over the session's engine (the model is loaded once)."""
-    from LLMapis import ServerState, create_app
-    from LLMkernel import Kernel
-
-    state = ServerState("SmolLM2-135M-Instruct")
-    state.kernel = kernel if default_max_tokens is None else Kernel(
-        kernel.engine, default_max_tokens=default_max_tokens, default_temperature=kernel.default_temperature,
-        candidate_limit=kernel.candidate_limit)
-    return ServerThread(create_app(state), port=port)
+def sqlite_url(tmp_path) -> str:
+    """A SQLite catalogue of the test's own."""
+    return f"sqlite:///{tmp_path}/catalogue.db"
 
 
 def tab(page, name: str) -> None:
@@ -155,46 +140,46 @@ def test_chat_streams_replies_and_new_conversation(gateway, new_page, shots):
     expect(page.locator(DONE_REPLY)).to_have_count(1)
 
 
-def test_stop_a_long_reply(kernel, tmp_path, new_page, shots):
-    # The page sends no max_tokens: a model server whose default is large makes the reply long.
-    ms = private_model_server(kernel, default_max_tokens=1500)
-    gw = private_gateway(ms.url, tmp_path)
-    try:
-        wait_healthy(gw.url)
-        page = new_page(gw.url)
-        send(page, "Write a very long story about a dragon who learns to bake bread. "
-                   "Make it at least two thousand words, with many chapters.")
-        bubble = page.locator(REPLY).last
-        expect(page.locator("#stop")).to_be_enabled()
-        expect(page.locator("#send")).to_be_disabled()
-        # the first token has arrived: the placeholder is gone
-        page.wait_for_function("() => { const b = document.querySelector('.msg.assistant.streaming');"
-                               " return b && b.textContent.trim() && b.textContent !== '…'; }")
-        page.locator("#stop").click()
-        expect(bubble).to_have_attribute("data-done", "true")
-        expect(bubble).to_contain_text("[stopped]")
-        expect(page.locator("#send")).to_be_enabled()
-        expect(page.locator("#stop")).to_be_disabled()
-        expect(page.locator("#chaterror")).to_have_text("")
-        page.screenshot(path=str(shots / "chat-stopped.png"))
-        # stopping frees the model: the generation is cancelled, not left running to 1500 tokens
-        deadline = time.monotonic() + 15
-        while True:
-            detail = requests.get(ms.url + "/health", timeout=5).json()["detail"]
-            if detail["running"] == 0 and detail["waiting"] == 0:
-                break
-            assert time.monotonic() < deadline, f"generation still running after stop: {detail}"
-            time.sleep(0.2)
-        # the conversation goes on after a stop
-        with page.expect_request("**/api/chat") as req:
-            send(page, "Thanks.")
-        history = req.value.post_data_json["history"]
-        assert [m["role"] for m in history] == ["user", "assistant"] and "dragon" in history[0]["content"]
-        page.locator("#stop").click()
-        expect(page.locator(DONE_REPLY)).to_have_count(2)
-    finally:
-        gw.stop()
-        ms.stop()
+def test_stop_a_long_reply(kernel, tmp_path, serve, new_page, shots):
+    from LLMkernel import Kernel
+
+    # The page sends no max_tokens: a model server whose default is large makes the reply long. It is
+    # the test's own, over the session's engine (the model is loaded once).
+    long_replies = Kernel(kernel.engine, default_max_tokens=1500, default_temperature=kernel.default_temperature,
+                          candidate_limit=kernel.candidate_limit)
+    ms = serve.model_server(long_replies)
+    gw = serve.gateway(ms.url, sqlite_url(tmp_path))
+    page = new_page(gw.url)
+    send(page, "Write a very long story about a dragon who learns to bake bread. "
+               "Make it at least two thousand words, with many chapters.")
+    bubble = page.locator(REPLY).last
+    expect(page.locator("#stop")).to_be_enabled()
+    expect(page.locator("#send")).to_be_disabled()
+    # the first token has arrived: the placeholder is gone
+    page.wait_for_function("() => { const b = document.querySelector('.msg.assistant.streaming');"
+                           " return b && b.textContent.trim() && b.textContent !== '…'; }")
+    page.locator("#stop").click()
+    expect(bubble).to_have_attribute("data-done", "true")
+    expect(bubble).to_contain_text("[stopped]")
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#chaterror")).to_have_text("")
+    page.screenshot(path=str(shots / "chat-stopped.png"))
+    # stopping frees the model: the generation is cancelled, not left running to 1500 tokens
+    deadline = time.monotonic() + 15
+    while True:
+        detail = requests.get(ms.url + "/health", timeout=5).json()["detail"]
+        if detail["running"] == 0 and detail["waiting"] == 0:
+            break
+        assert time.monotonic() < deadline, f"generation still running after stop: {detail}"
+        time.sleep(0.2)
+    # the conversation goes on after a stop
+    with page.expect_request("**/api/chat") as req:
+        send(page, "Thanks.")
+    history = req.value.post_data_json["history"]
+    assert [m["role"] for m in history] == ["user", "assistant"] and "dragon" in history[0]["content"]
+    page.locator("#stop").click()
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
 
 
 # ---------------------------------------------------------------- book search
@@ -235,11 +220,21 @@ def test_catalogue_add_find_page_delete(gateway, new_page, shots):
 
     title = f"页面测试 <b>not bold</b> {uuid.uuid4().hex[:8]}"
     page.locator("#newtitles").fill(title + "\n\n")
-    page.locator("#addbtn").click()
+    page.locator("#newauthor").fill("  测试作者 <i>A</i> ")
+    page.locator("#newsubjects").fill("测试; 页面；测试")
+    with page.expect_request("**/api/books") as req:
+        page.locator("#addbtn").click()
+    assert req.value.post_data_json == {"books": [{"title": title, "author": "测试作者 <i>A</i>",
+                                                   "subjects": ["测试", "页面"]}]}
     # the added book is shown at once (the page turns to where it landed), as text
     row = page.locator("#catlist li", has_text=title)
     expect(row).to_be_visible()
-    expect(page.locator("#catlist b")).to_have_count(0)
+    expect(row.locator(".author")).to_have_text("测试作者 <i>A</i>")
+    expect(row.locator(".subjects .subject")).to_have_text(["测试", "页面"])
+    expect(row.locator(".year")).to_have_count(0)
+    expect(page.locator("#catlist b, #catlist i")).to_have_count(0)
+    for field in ("#newauthor", "#newsubjects", "#newyear"):
+        expect(page.locator(field)).to_have_value("")
     expect(page.locator("#cattotal")).to_contain_text(str(total_before + 1))
     expect(page.locator("#newtitles")).to_have_value("")
     book_id = int(row.locator(".id").inner_text().lstrip("#"))
@@ -256,93 +251,283 @@ def test_catalogue_add_find_page_delete(gateway, new_page, shots):
         expect(row).to_be_visible()
     expect(page.locator("#next")).to_be_disabled()
 
-    row.get_by_role("button").click()
+    row.get_by_role("button", name=f"Delete #{book_id}").click()
     expect(page.locator("#catlist li", has_text=title)).to_have_count(0)
     expect(page.locator("#cattotal")).to_contain_text(str(total_before))
     assert requests.delete(f"{gateway.url}/api/books/{book_id}", timeout=10).status_code == 404
     expect(page.locator("#caterror")).to_have_text("")
 
 
+# ---------------------------------------------------------------- rich records: author, subjects, import, edit
+
+
+def add_books(url: str, *books: dict) -> list[dict]:
+    r = requests.post(url + "/api/books", json={"books": list(books)}, timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["books"]
+
+
+def all_books(url: str) -> list[dict]:
+    books, offset = [], 0
+    while True:
+        page = requests.get(url + "/api/books", params={"offset": offset, "limit": 100}, timeout=10).json()
+        books += page["books"]
+        offset += 100
+        if offset >= page["total"]:
+            return books
+
+
+def test_search_result_shows_author_and_subjects(model_server, tmp_path, serve, new_page, shots):
+    # Retrieval's candidates are the answer here (no model choice), so the book looked for is shown.
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), search_model_choice="off")
+    title = "观鸟图鉴：中国鸟类野外手册"
+    [book] = add_books(gw.url, {"title": title, "author": "约翰·马敬能", "subjects": ["鸟类", "自然", "野外观察"],
+                                "year": 2000})
+    page = new_page(gw.url)
+    tab(page, "search")
+    page.locator("#query").fill("观鸟图鉴 中国鸟类野外手册")
+    page.locator("#query").press("Enter")
+    expect(page.locator("#searchmsg")).to_have_text(re.compile(r"\d+ ms"))
+    row = page.locator(f'#results li[data-id="{book["id"]}"]')
+    expect(row).to_be_visible()
+    expect(row.locator(".id")).to_have_text(f"#{book['id']}")
+    expect(row.locator(".title")).to_have_text(title)
+    expect(row.locator(".author")).to_have_text("约翰·马敬能")
+    expect(row.locator(".year")).to_have_text("2000")
+    expect(row.locator(".subjects .subject")).to_have_text(["鸟类", "自然", "野外观察"])
+    # search results are read-only
+    expect(page.locator("#results button")).to_have_count(0)
+    # a seed book without author or subjects shows no empty meta line
+    for i in range(page.locator("#results li").count()):
+        item = page.locator("#results li").nth(i)
+        if item.get_attribute("data-id") != str(book["id"]):
+            expect(item.locator(".meta")).to_have_count(0)
+    page.screenshot(path=str(shots / "search-rich.png"), full_page=True)
+
+
+def test_import_a_file_in_the_page(model_server, tmp_path, serve, new_page, shots):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path))
+    page = new_page(gw.url)
+    tab(page, "catalogue")
+    expect(page.locator("#cattotal")).to_contain_text("25")
+    seed = SEED_TITLES[0]
+    good = ("title,author,subjects,year,isbn,description\n"
+            '"导入测试：线性代数, 第二版",Gilbert Strang,数学;线性代数,2016,9787302,一本教材\n'
+            "导入测试：拓扑学,,数学,,,\n"
+            f"{seed},,,,,\n").encode("utf-8")
+    with page.expect_request("**/api/books/import") as req:
+        page.locator("#importfile").set_input_files(files=[{"name": "books.csv", "mimeType": "text/csv",
+                                                             "buffer": good}])
+    assert req.value.headers["content-type"] == "text/csv"
+    expect(page.locator("#importmsg")).to_contain_text("新增 2 本，已有 1 本")
+    expect(page.locator("#importerror")).to_have_text("")
+    by_title = {b["title"]: b for b in all_books(gw.url)}
+    assert len(by_title) == 27
+    linear = by_title["导入测试：线性代数, 第二版"]
+    assert linear["author"] == "Gilbert Strang" and linear["subjects"] == ["数学", "线性代数"] and linear["year"] == 2016
+    assert by_title["导入测试：拓扑学"]["subjects"] == ["数学"]
+    # the list is reloaded: the imported books are on the last page, with their author and subjects
+    expect(page.locator("#cattotal")).to_contain_text("27")
+    row = page.locator(f'#catlist li[data-id="{linear["id"]}"]')
+    expect(row.locator(".author")).to_have_text("Gilbert Strang")
+    expect(row.locator(".subjects .subject")).to_have_text(["数学", "线性代数"])
+    expect(page.locator("#importfile")).to_be_enabled()
+    page.screenshot(path=str(shots / "catalogue-imported.png"), full_page=True)
+
+    # a malformed file: the line is named, nothing is imported, and the earlier message is gone
+    bad = ("title,author,subjects,year\n"
+           "导入测试：不应出现,Someone,数学,1999\n"
+           "导入测试：年份错误,Someone,数学,nineteen\n").encode("utf-8")
+    page.locator("#importfile").set_input_files(files=[{"name": "bad.csv", "mimeType": "text/csv", "buffer": bad}])
+    error = page.locator("#importerror")
+    expect(error).to_contain_text("line 3")
+    assert_human(error.inner_text())
+    assert "nothing was imported" in error.inner_text()
+    expect(page.locator("#importmsg")).to_have_text("")
+    titles = {b["title"] for b in all_books(gw.url)}
+    assert len(titles) == 27 and "导入测试：不应出现" not in titles
+    expect(page.locator("#cattotal")).to_contain_text("27")
+
+    # JSON lines go as application/x-ndjson
+    jsonl = json.dumps({"title": "导入测试：概率论", "subjects": "数学;概率"}, ensure_ascii=False).encode("utf-8")
+    with page.expect_request("**/api/books/import") as req:
+        page.locator("#importfile").set_input_files(files=[{"name": "more.jsonl", "mimeType": "",
+                                                             "buffer": jsonl}])
+    assert req.value.headers["content-type"] == "application/x-ndjson"
+    expect(page.locator("#importmsg")).to_contain_text("新增 1 本，已有 0 本")
+    expect(error).to_have_text("")
+    assert any(b["title"] == "导入测试：概率论" and b["subjects"] == ["数学", "概率"] for b in all_books(gw.url))
+
+    # a file of another kind is refused in the page, before any upload
+    seen = []
+    page.on("request", lambda r: seen.append(r.url) if r.url.endswith("/api/books/import") else None)
+    page.locator("#importfile").set_input_files(files=[{"name": "books.xlsx", "mimeType": "application/vnd.ms-excel",
+                                                         "buffer": b"PK\x03\x04"}])
+    expect(error).to_contain_text(".csv")
+    assert not seen
+
+
+def test_edit_a_book_in_the_page(model_server, tmp_path, serve, new_page, shots, output_dir):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path))
+    page = new_page(gw.url)
+    tab(page, "catalogue")
+    row = page.locator('#catlist li[data-id="1"]')
+    expect(row.locator(".title")).to_have_text(SEED_TITLES[0])
+    expect(row.locator(".meta")).to_have_count(0)
+
+    # the form opens prefilled; Cancel puts the row back as it was
+    row.get_by_role("button", name="Edit #1").click()
+    form = row.locator("form.edit")
+    expect(form.locator('input[name="title"]')).to_have_value(SEED_TITLES[0])
+    expect(form.locator('input[name="title"]')).to_be_focused()
+    expect(form.locator('input[name="author"]')).to_have_value("")
+    form.locator('input[name="author"]').fill("改了又取消")
+    form.get_by_role("button", name="取消 Cancel").click()
+    expect(row.locator("form")).to_have_count(0)
+    expect(row.locator(".title")).to_have_text(SEED_TITLES[0])
+    expect(row.get_by_role("button", name="Edit #1")).to_be_focused()
+
+    # Save sends only what changed, and the row shows the result
+    row.get_by_role("button", name="Edit #1").click()
+    form.locator('input[name="author"]').fill("  王老师 ")
+    form.locator('input[name="subjects"]').fill("语言；法语; 入门 ;")
+    form.locator('input[name="year"]').fill("2019")
+    with page.expect_request(lambda r: r.method == "PATCH") as req:
+        form.get_by_role("button", name="保存 Save").click()
+    assert req.value.url.endswith("/api/books/1")
+    assert req.value.post_data_json == {"author": "王老师", "subjects": ["语言", "法语", "入门"], "year": 2019}
+    expect(row.locator("form")).to_have_count(0)
+    expect(row.locator(".author")).to_have_text("王老师")
+    expect(row.locator(".year")).to_have_text("2019")
+    expect(row.locator(".subjects .subject")).to_have_text(["语言", "法语", "入门"])
+    expect(page.locator("#catmsg")).to_contain_text("#1")
+    stored = requests.get(gw.url + "/api/books", params={"offset": 0, "limit": 1}, timeout=10).json()["books"][0]
+    assert stored == {**stored, "id": 1, "title": SEED_TITLES[0], "author": "王老师",
+                      "subjects": ["语言", "法语", "入门"], "year": 2019}
+
+    # clearing a field sends null; a year that is not a number is caught in the page
+    row.get_by_role("button", name="Edit #1").click()
+    form.locator('input[name="year"]').fill("MMXIX")
+    form.get_by_role("button", name="保存 Save").click()
+    expect(form.locator(".editerror")).to_contain_text("year")
+    form.locator('input[name="year"]').fill("")
+    with page.expect_request(lambda r: r.method == "PATCH") as req:
+        form.locator('input[name="year"]').press("Enter")
+    assert req.value.post_data_json == {"year": None}
+    expect(row.locator(".year")).to_have_count(0)
+    expect(row.locator(".author")).to_have_text("王老师")
+
+    # a title another book has: a 409 shown in the form, which stays open with what was typed
+    row.get_by_role("button", name="Edit #1").click()
+    form.locator('input[name="title"]').fill(SEED_TITLES[1])
+    form.locator('input[name="author"]').fill("另一位作者")
+    form.get_by_role("button", name="保存 Save").click()
+    error = form.locator(".editerror")
+    expect(error).to_contain_text("409")
+    assert_human(error.inner_text())
+    assert SEED_TITLES[1] in error.inner_text()
+    expect(form.locator('input[name="title"]')).to_have_value(SEED_TITLES[1])
+    expect(form.get_by_role("button", name="保存 Save")).to_be_enabled()
+    page.screenshot(path=str(output_dir / "page-catalogue.png"), full_page=True)
+    stored = requests.get(gw.url + "/api/books", params={"offset": 0, "limit": 1}, timeout=10).json()["books"][0]
+    assert stored["title"] == SEED_TITLES[0] and stored["author"] == "王老师"
+    # Escape cancels: the row is as stored
+    form.locator('input[name="author"]').press("Escape")
+    expect(row.locator("form")).to_have_count(0)
+    expect(row.locator(".title")).to_have_text(SEED_TITLES[0])
+    expect(row.locator(".author")).to_have_text("王老师")
+
+    # a book deleted meanwhile: 404 in the form
+    [extra] = add_books(gw.url, {"title": "编辑测试：将被删除"})
+    page.locator("#next").click()
+    gone = page.locator(f'#catlist li[data-id="{extra["id"]}"]')
+    gone.get_by_role("button", name=f"Edit #{extra['id']}").click()
+    assert requests.delete(f"{gw.url}/api/books/{extra['id']}", timeout=10).status_code == 204
+    gone.locator('input[name="author"]').fill("无人")
+    gone.get_by_role("button", name="保存 Save").click()
+    expect(gone.locator(".editerror")).to_contain_text("404")
+    expect(page.locator("#caterror")).to_have_text("")
+
+
 # ---------------------------------------------------------------- failures shown as sentences
 
 
-def test_model_server_down_is_a_human_message(kernel, tmp_path, new_page, shots):
+def test_model_server_down_is_a_human_message(kernel, tmp_path, serve, new_page, shots):
+    from LLMapis import ServerState, create_app
+
     port = free_port()
-    ms = private_model_server(kernel, port=port)
-    gw = private_gateway(ms.url, tmp_path)
+    state = ServerState("SmolLM2-135M-Instruct")
+    state.kernel = kernel
+    # Stopped mid-test, so not started through `serve`, whose teardown would stop it a second time
+    # (ServerThread.stop is not safe twice: it writes to its closed wake-up pipe's fd number).
+    ms = ServerThread(create_app(state), port=port)
     try:
-        wait_healthy(gw.url)
+        gw = serve.gateway(ms.url, sqlite_url(tmp_path))
         page = new_page(gw.url)
-        ms.stop()
-
-        send(page, "Hello?")
-        error = page.locator("#chaterror")
-        expect(error).not_to_have_text("")
-        assert_human(error.inner_text())
-        assert "503" in error.inner_text() or "unavailable" in error.inner_text().lower()
-        expect(page.locator(REPLY)).to_have_count(0)  # no empty bubble left behind
-        expect(page.locator("#send")).to_be_enabled()
-        page.screenshot(path=str(shots / "error.png"), full_page=True)
-
-        tab(page, "search")
-        page.locator("#query").fill("我想学法语")
-        page.locator("#query").press("Enter")
-        expect(page.locator("#searcherror")).not_to_have_text("")
-        assert_human(page.locator("#searcherror").inner_text())
-        expect(page.locator("#searchbtn")).to_be_enabled()
-
-        # the catalogue needs no model
-        tab(page, "catalogue")
-        expect(page.locator("#catlist li")).to_have_count(20)
-        expect(page.locator("#cattotal")).to_contain_text("25")
-        expect(page.locator("#caterror")).to_have_text("")
-
-        # the model server comes back: the same page chats again, and the old error is gone
-        ms = private_model_server(kernel, port=port)
-        wait_healthy(gw.url, timeout=30)
-        tab(page, "chat")
-        send(page, "Hello again")
-        expect(page.locator(DONE_REPLY)).to_have_count(1)
-        expect(page.locator("#chaterror")).to_have_text("")
     finally:
-        gw.stop()
-        ms.stop()
+        ms.stop()  # the model server goes away
+
+    send(page, "Hello?")
+    error = page.locator("#chaterror")
+    expect(error).not_to_have_text("")
+    assert_human(error.inner_text())
+    assert "503" in error.inner_text() or "unavailable" in error.inner_text().lower()
+    expect(page.locator(REPLY)).to_have_count(0)  # no empty bubble left behind
+    expect(page.locator("#send")).to_be_enabled()
+    page.screenshot(path=str(shots / "error.png"), full_page=True)
+
+    tab(page, "search")
+    page.locator("#query").fill("我想学法语")
+    page.locator("#query").press("Enter")
+    expect(page.locator("#searcherror")).not_to_have_text("")
+    assert_human(page.locator("#searcherror").inner_text())
+    expect(page.locator("#searchbtn")).to_be_enabled()
+
+    # the catalogue needs no model
+    tab(page, "catalogue")
+    expect(page.locator("#catlist li")).to_have_count(20)
+    expect(page.locator("#cattotal")).to_contain_text("25")
+    expect(page.locator("#caterror")).to_have_text("")
+
+    # the model server comes back: the same page chats again, and the old error is gone
+    serve.model_server(kernel, port=port)
+    wait_healthy(gw.url, timeout=30)
+    tab(page, "chat")
+    send(page, "Hello again")
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+    expect(page.locator("#chaterror")).to_have_text("")
 
 
-def test_api_key_box(model_server, tmp_path, new_page, shots):
-    gw = private_gateway(model_server.url, tmp_path, api_keys="k1,k2")
-    try:
-        wait_healthy(gw.url)
-        page = new_page(gw.url)
-        expect(page.locator("#keybox")).to_be_visible()
+def test_api_key_box(model_server, tmp_path, serve, new_page, shots):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), api_keys="k1,k2")
+    page = new_page(gw.url)
+    expect(page.locator("#keybox")).to_be_visible()
 
-        send(page, "hi")
-        error = page.locator("#chaterror")
-        expect(error).to_contain_text("401")
-        assert_human(error.inner_text())
-        assert "key" in error.inner_text().lower()
+    send(page, "hi")
+    error = page.locator("#chaterror")
+    expect(error).to_contain_text("401")
+    assert_human(error.inner_text())
+    assert "key" in error.inner_text().lower()
 
-        tab(page, "catalogue")
-        expect(page.locator("#caterror")).to_contain_text("401")
-        expect(page.locator("#catlist li")).to_have_count(0)
+    tab(page, "catalogue")
+    expect(page.locator("#caterror")).to_contain_text("401")
+    expect(page.locator("#catlist li")).to_have_count(0)
 
-        page.locator("#apikey").fill("k2")
-        page.locator("#savekey").click()
-        expect(page.locator("#catlist li")).to_have_count(20)
-        expect(page.locator("#caterror")).to_have_text("")
-        assert page.evaluate("localStorage.getItem('chatglm4.apikey')") == "k2"
-        expect(page.locator("#apikey")).to_have_value("")  # the key is not left on display
-        page.screenshot(path=str(shots / "apikey.png"))
+    page.locator("#apikey").fill("k2")
+    page.locator("#savekey").click()
+    expect(page.locator("#catlist li")).to_have_count(20)
+    expect(page.locator("#caterror")).to_have_text("")
+    assert page.evaluate("localStorage.getItem('chatglm4.apikey')") == "k2"
+    expect(page.locator("#apikey")).to_have_value("")  # the key is not left on display
+    page.screenshot(path=str(shots / "apikey.png"))
 
-        # the key survives a reload; a wrong one is a 401 message again
-        page.reload()
-        tab(page, "catalogue")
-        expect(page.locator("#catlist li")).to_have_count(20)
-        page.locator("#apikey").fill("wrong")
-        page.locator("#apikey").press("Enter")
-        expect(page.locator("#caterror")).to_contain_text("401")
-    finally:
-        gw.stop()
+    # the key survives a reload; a wrong one is a 401 message again
+    page.reload()
+    tab(page, "catalogue")
+    expect(page.locator("#catlist li")).to_have_count(20)
+    page.locator("#apikey").fill("wrong")
+    page.locator("#apikey").press("Enter")
+    expect(page.locator("#caterror")).to_contain_text("401")
 
 
 def canned_sse(*pieces: str, tail: list[dict] | None = None) -> str:
@@ -422,3 +607,13 @@ def test_phone_width(gateway, new_page, shots):
     expect(page.locator("#catlist li").first).to_be_visible()
     assert_fits("catalogue")
     page.screenshot(path=str(shots / "phone-catalogue.png"), full_page=True)
+    row = page.locator('#catlist li[data-id="1"]')
+    row.get_by_role("button", name="Edit #1").click()
+    expect(row.locator("form.edit")).to_be_visible()
+    assert_fits("catalogue, editing")
+    for button in ("保存 Save", "取消 Cancel"):
+        box = row.get_by_role("button", name=button).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (button, box)
+    page.screenshot(path=str(shots / "phone-catalogue-edit.png"))
+    row.get_by_role("button", name="取消 Cancel").click()
+    expect(row.locator("form")).to_have_count(0)

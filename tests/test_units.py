@@ -9,8 +9,8 @@ import pytest
 from chatglm4 import config as cfg
 from chatglm4.book_task import ids_schema, max_answer_tokens, parse_ids
 from chatglm4.conversation import ContextOverflow, fit_conversation
-from chatglm4.detok import StopStrings
-from chatglm4.modelload import ModelLoadError, parse_max_memory
+from chatglm4.engine.detok import StopStrings
+from chatglm4.engine.modelload import ModelLoadError, parse_max_memory
 from chatglm4.prompts import TemplateError, render
 
 ALLOWED = [1, 2, 3, 12, 14]

@@ -19,11 +19,9 @@ class SamplingParams:
 
 
 def next_token(logits: Any, params: SamplingParams, generator: Any) -> int:
-    """Greedy at temperature 0, else temperature + nucleus sampling. logits: [vocab] float32."""
+    """Temperature + nucleus sampling (the scheduler decodes greedy rows itself). logits: [vocab] float32."""
     import torch
 
-    if params.temperature <= 0.0:
-        return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)

@@ -1,10 +1,11 @@
-"""The generation engine: a small interface (prompt ids in, an iterator of text pieces out) and its
-local transformers implementation.
+"""The local engine: a transformers model behind one scheduler thread that batches requests.
 
-Streaming and whole answers are one code path: a non-streaming reply drains the same iterator. One
-scheduler thread owns the model and batches the requests; callers enqueue requests and read events
-from their own stream, so the HTTP threads never touch torch. The queue is bounded: past it,
-`EngineBusy` at once."""
+One scheduler thread owns the model; callers enqueue requests and read deltas from their own stream,
+so the HTTP threads never touch torch. The queue is bounded: past it, `EngineBusy` at once.
+
+Each step of the loop reads like vLLM's: admit waiting requests (one batched prefill), run one
+decode forward for every running sequence, sample, decide with `check_stop` which sequences ended,
+and `_retire` the finished and cancelled rows."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
+from . import Delta, EngineBusy, EngineError, EngineStats, FinishReason, GenerationStream
 from .detok import IncrementalDecoder, StopStrings
 from .modelload import LoadedModel
 from .sampling import SamplingParams, next_token
@@ -22,81 +23,18 @@ from .sampling import SamplingParams, next_token
 log = logging.getLogger(__name__)
 
 
-class EngineBusy(Exception):
-    """Too many requests are waiting already."""
+# Below this a temperature divides logits into infinities: such requests are decoded greedily.
+GREEDY_BELOW = 1e-5
 
 
-class EngineError(RuntimeError):
-    """Generation failed inside the engine."""
-
-
-@dataclass
-class Piece:
-    """One step of a stream: new text, and at the end the finish reason and token counts."""
-
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-_END = object()
-
-
-class GenerationStream:
-    """Iterator of `Piece`s for one request; `cancel()` frees the engine within one step."""
-
-    # How often a waiting reader checks whether its client is still there.
-    POLL_S = 0.25
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams):
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.cancelled = threading.Event()
-        # Set by the server: a callable that says the HTTP client has gone away.
-        self.client_gone: Any = None
-        self.submitted_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self._events: queue.Queue = queue.Queue()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def abandoned(self) -> bool:
-        """Cancelled, or its client has gone away (checked by the scheduler every step)."""
-        if not self.cancelled.is_set() and self.client_gone is not None and self.client_gone():
-            self.cancelled.set()
-        return self.cancelled.is_set()
-
-    # engine side
-    def _put(self, item: Any) -> None:
-        self._events.put(item)
-
-    # caller side
-    def __iter__(self) -> Iterator[Piece]:
-        while True:
-            try:
-                item = self._events.get(timeout=self.POLL_S)
-            except queue.Empty:
-                if self.client_gone is not None and self.client_gone():
-                    self.cancel()
-                    return
-                continue
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise EngineError(str(item)) from item
-            yield item
-            if item.finish_reason is not None:
-                return
-
-    def collect(self) -> Piece:
-        """Drains the stream into one Piece holding the whole text."""
-        texts, last = [], Piece("")
-        for piece in self:
-            texts.append(piece.text)
-            last = piece
-        return Piece("".join(texts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+def check_stop(*, end_token: bool, stop_string: bool, grammar_done: bool, generated: int, max_tokens: int,
+               total_tokens: int, context_length: int) -> FinishReason | None:
+    """Whether a sequence ends after its newest token, and why; None while it goes on."""
+    if end_token or stop_string or grammar_done:
+        return FinishReason.STOP
+    if generated >= max_tokens or total_tokens >= context_length:
+        return FinishReason.LENGTH
+    return None
 
 
 class _Sequence:
@@ -114,6 +52,7 @@ class _Sequence:
         self.stops = StopStrings(self.params.stop)
         self.generator = (torch.Generator(device="cpu").manual_seed(self.params.seed)
                           if self.params.seed is not None else None)
+        self.greedy = self.params.temperature < GREEDY_BELOW
         self.emitted = False
         self.matcher = None
         if self.params.grammar is not None:
@@ -121,20 +60,22 @@ class _Sequence:
 
             self.matcher = xgr.GrammarMatcher(self.params.grammar)
 
+    def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
+        return Delta(text, finish, self.n_prompt, self.generated)
+
 
 class LocalEngine:
     """transformers model + tokenizer behind one scheduler thread that batches concurrent requests.
 
-    Between decode steps the scheduler admits waiting requests (one batched prefill), then runs one
-    forward pass for every running sequence; finished or cancelled sequences leave at once. Sampling,
-    stop conditions and grammars stay per request."""
+    Sampling, stop conditions and grammars stay per request, and so do their failures: a request
+    whose own state breaks (its seed, sampling, grammar) fails alone while the batch goes on."""
 
     def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
                  prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192):
+        from .batchkv import BatchKV
         from .prefixcache import PrefixCache
 
         self.loaded = loaded
-        self.name = loaded.name
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
         self.max_batch = max_batch
@@ -142,14 +83,16 @@ class LocalEngine:
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
         self._grammar = None
         self._grammar_lock = threading.Lock()
-        self.prefixes = PrefixCache(prefix_cache_tokens)
+        self._prefixes = PrefixCache(prefix_cache_tokens)
         # Called with each request's time to first token (seconds), e.g. by a metrics histogram.
         self.observe_ttft: Any = None
-        self.running = 0
-        self.tokens_generated = 0
-        self.prefill_tokens = 0
-        self.steps = 0
-        self._stopping = False
+        self._cache = BatchKV()
+        self._batch: list[_Sequence] = []
+        self._running = 0
+        self._tokens_generated = 0
+        self._prefill_tokens = 0
+        self._steps = 0
+        self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -175,6 +118,8 @@ class LocalEngine:
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         if not prompt_ids:
             raise ValueError("empty prompt")
+        if self._stopping.is_set():
+            raise EngineBusy("the model server is shutting down")
         stream = GenerationStream(prompt_ids, params)
         try:
             self._queue.put_nowait(stream)
@@ -182,27 +127,29 @@ class LocalEngine:
             raise EngineBusy("the model server's queue is full; retry shortly") from None
         return stream
 
-    @property
-    def waiting(self) -> int:
-        return self._queue.qsize()
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=self._queue.qsize(), running=self._running,
+                           tokens_generated=self._tokens_generated, prefill_tokens=self._prefill_tokens,
+                           prefix_hit_tokens=self._prefixes.hit_tokens, steps=self._steps)
 
-    def shutdown(self) -> None:
-        self._stopping = True
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the scheduler; every stream still open (running or waiting) ends with EngineError."""
+        self._stopping.set()
         try:
-            self._queue.put_nowait(None)
+            self._queue.put_nowait(None)  # wakes an idle scheduler
         except queue.Full:
             pass
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            log.warning("engine did not stop within %.0f s; failing its streams anyway", timeout)
+            self._fail_all(EngineError("the model server is shutting down"))
 
     # ------------------------------------------------------------ scheduler
 
     def _run(self) -> None:
         import torch
 
-        from .batchkv import BatchKV
-
-        self._cache = BatchKV()
-        self._batch: list[_Sequence] = []
-        while not self._stopping:
+        while not self._stopping.is_set():
             admitted: list[_Sequence] = []
             try:
                 admitted = self._admit(block=not self._batch)
@@ -211,13 +158,33 @@ class LocalEngine:
                         self._prefill(admitted)
                     if self._batch:
                         self._decode_step()
-            except Exception as exc:  # the scheduler's edge: fail the batch, keep serving
-                log.exception("generation failed")
-                for seq in self._batch + [s for s in admitted if s not in self._batch]:
-                    seq.stream._put(exc)
-                self._batch = []
-                self._cache = BatchKV()
-            self.running = len(self._batch)
+            except Exception as exc:  # a failure of the shared step: fail the batch, keep serving
+                log.exception("generation step failed")
+                failed = self._batch + [s for s in admitted if s not in self._batch]
+                self._reset_batch()
+                for seq in failed:
+                    seq.stream.fail(EngineError(f"generation failed: {exc}"))
+            self._running = len(self._batch)
+        self._fail_all(EngineError("the model server is shutting down"))
+
+    def _reset_batch(self) -> None:
+        from .batchkv import BatchKV
+
+        self._batch = []
+        self._cache = BatchKV()
+
+    def _fail_all(self, error: EngineError) -> None:
+        """Ends every running and waiting stream with `error`."""
+        for seq in self._batch:
+            if not seq.stream.done:
+                seq.stream.fail(error)
+        while True:
+            try:
+                stream = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if stream is not None and not stream.done:
+                stream.fail(error)
 
     def _admit(self, block: bool) -> list[_Sequence]:
         """Waiting requests that fit the batch and the prefill budget (waits for one when idle)."""
@@ -231,13 +198,19 @@ class LocalEngine:
             if stream is None:
                 break
             if stream.abandoned():
-                stream._put(_END)
+                stream.end()
                 continue
-            admitted.append(_Sequence(stream, self.tokenizer))
+            try:
+                seq = _Sequence(stream, self.tokenizer)
+            except Exception as exc:  # this request's own state (seed, grammar) is unusable
+                log.warning("request refused at admission: %s", exc)
+                stream.fail(EngineError(f"cannot start this request: {exc}"))
+                continue
+            admitted.append(seq)
             budget -= len(stream.prompt_ids)
             if budget <= 0:
                 break
-        self.running = len(self._batch) + len(admitted)
+        self._running = len(self._batch) + len(admitted)
         return admitted
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
@@ -247,10 +220,17 @@ class LocalEngine:
         # 0 = nothing cached) share one forward over their remaining tokens.
         groups: dict[int, list[tuple[_Sequence, list[tuple[Any, Any]] | None]]] = {}
         for seq in seqs:
-            n, prefix = self.prefixes.longest(seq.stream.prompt_ids)
+            n, prefix = self._prefixes.longest(seq.stream.prompt_ids)
             groups.setdefault(n, []).append((seq, prefix))
         for n, group in groups.items():
-            self._prefill_rows(n, group)
+            try:
+                self._prefill_rows(n, group)
+            except Exception as exc:  # this group's prompts alone: the running batch is untouched
+                log.exception("prefill failed")
+                for seq, _ in group:
+                    if seq in self._batch:
+                        raise  # it failed after joining the batch: the shared state is suspect
+                    seq.stream.fail(EngineError(f"generation failed: {exc}"))
 
     def _prefill_rows(self, n: int, group: list[tuple[_Sequence, list[tuple[Any, Any]] | None]]) -> None:
         """Prefills prompts whose first n tokens are cached (n = 0: none): their remaining tokens are
@@ -277,12 +257,12 @@ class LocalEngine:
         out = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
                                 past_key_values=cache, use_cache=True)
-        self.prefill_tokens += sum(lengths) - n * len(seqs)
+        self._prefill_tokens += sum(lengths) - n * len(seqs)
         last = torch.tensor([length - n - 1 for length in lengths])
         logits = out.logits[torch.arange(len(seqs)), last.to(out.logits.device), :].float().cpu()  # [rows, vocab]
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for i, s in enumerate(seqs):
-            self.prefixes.store(s.stream.prompt_ids, layers, i)
+            self._prefixes.store(s.stream.prompt_ids, layers, i)
         self._join(seqs, layers, lengths, logits)
 
     def _join(self, seqs: list[_Sequence], layers: list[tuple[Any, Any]], lengths: list[int], logits: Any) -> None:
@@ -301,48 +281,66 @@ class LocalEngine:
         out = model(input_ids=tokens, attention_mask=mask, position_ids=self._cache.positions(device),
                     past_key_values=self._cache, use_cache=True)
         self._cache.lengths += 1
-        self.steps += 1
+        self._steps += 1
         self._sample_and_emit(out.logits[:, -1, :].float().cpu(), first=0)
 
     def _sample_and_emit(self, logits: Any, first: int) -> None:
-        """Chooses the next token of batch rows first.. from logits rows 0..; retires finished rows."""
+        """Chooses the next token of batch rows first.. from logits rows 0..; retires ended rows."""
         import torch
 
         rows = self._batch[first:]
         stop_ids = self.loaded.stop_token_ids
+        failed: dict[int, BaseException] = {}
         constrained = [i for i, s in enumerate(rows) if s.matcher is not None]
         if constrained:
             import xgrammar as xgr
 
             bitmask = xgr.allocate_token_bitmask(len(rows), self._grammar.vocab_size)
             for i in constrained:
-                rows[i].matcher.fill_next_token_bitmask(bitmask, i)
+                try:
+                    rows[i].matcher.fill_next_token_bitmask(bitmask, i)
+                except Exception as exc:  # this row's grammar state broke: it alone fails
+                    failed[i] = exc
             xgr.apply_token_bitmask_inplace(logits, bitmask, indices=constrained)
         for i, seq in enumerate(rows):
             if seq.matcher is None and (seq.params.ignore_eos or seq.generated < seq.params.min_tokens):
                 logits[i, stop_ids] = float("-inf")
         greedy = torch.argmax(logits, dim=-1).tolist()
-        finished = set()
+        finished: set[int] = set()
         for i, seq in enumerate(rows):
-            token = greedy[i] if seq.params.temperature <= 0 else next_token(logits[i], seq.params, seq.generator)
-            if self._accept(seq, token):
-                finished.add(first + i)
-        if finished or any(s.stream.abandoned() for s in self._batch):
-            keep = []
-            for r, seq in enumerate(self._batch):
-                if r in finished:
-                    continue
-                if seq.stream.cancelled.is_set():
-                    seq.stream._put(Piece("", "cancelled", seq.n_prompt, seq.generated))
-                    continue
-                keep.append(r)
-            self._batch = [self._batch[r] for r in keep]
-            self._cache.keep(keep)
+            if i in failed:
+                continue
+            try:
+                token = greedy[i] if seq.greedy else next_token(logits[i], seq.params, seq.generator)
+                if self._accept(seq, token) is not None:
+                    finished.add(first + i)
+            except Exception as exc:  # sampling or grammar of this request alone
+                failed[i] = exc
+        for i, exc in failed.items():
+            log.warning("a request failed during generation: %s", exc)
+            rows[i].stream.fail(EngineError(f"generation failed: {exc}"))
+            finished.add(first + i)
+        self._retire(finished)
 
-    def _accept(self, seq: _Sequence, token: int) -> bool:
-        """Records one generated token for `seq`, emits its text; True when the sequence is done."""
+    def _retire(self, finished: set[int]) -> None:
+        """Removes finished rows (already told) and cancelled ones (told here) from the batch."""
+        if not finished and not any(s.stream.abandoned() for s in self._batch):
+            return
+        keep = []
+        for r, seq in enumerate(self._batch):
+            if r in finished:
+                continue
+            if seq.stream.cancelled.is_set():
+                seq.stream.put(seq.delta("", FinishReason.CANCELLED))
+                continue
+            keep.append(r)
+        self._batch = [self._batch[r] for r in keep]
+        self._cache.keep(keep)
+
+    def _accept(self, seq: _Sequence, token: int) -> FinishReason | None:
+        """Records one generated token for `seq` and emits its text; the finish reason once it ends."""
         seq.generated += 1
-        self.tokens_generated += 1
+        self._tokens_generated += 1
         seq.last_token = token
         stream, params = seq.stream, seq.params
         if stream.first_token_at is None:
@@ -351,26 +349,25 @@ class LocalEngine:
                 self.observe_ttft(stream.first_token_at - stream.submitted_at)
         if seq.matcher is not None and not seq.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected token {token}")
-        finish, hit = None, False
-        if token in self.loaded.stop_token_ids and not params.ignore_eos:
-            finish = "stop"
-        else:
+        end_token = token in self.loaded.stop_token_ids and not params.ignore_eos
+        hit = False
+        if not end_token:
             piece = seq.decoder.push(token)
             if not seq.emitted and self.loaded.strip_leading_newline:
                 piece = piece.lstrip("\n")
             text, hit = seq.stops.feed(piece)
             if text:
                 seq.emitted = True
-                stream._put(Piece(text, None, seq.n_prompt, seq.generated))
-            if hit or (seq.matcher is not None and seq.matcher.is_terminated()):
-                finish = "stop"
-            elif seq.generated >= params.max_tokens or seq.n_prompt + seq.generated >= self.context_length:
-                finish = "length"
+                stream.put(seq.delta(text))
+        finish = check_stop(end_token=end_token, stop_string=hit,
+                            grammar_done=seq.matcher is not None and seq.matcher.is_terminated(),
+                            generated=seq.generated, max_tokens=params.max_tokens,
+                            total_tokens=seq.n_prompt + seq.generated, context_length=self.context_length)
         if finish is None:
-            return False
+            return None
         tail = ""
         if not hit:  # text after a stop string is dropped; otherwise release what was held back
             tail, _ = seq.stops.feed(seq.decoder.flush())
             tail += seq.stops.flush()
-        stream._put(Piece(tail, finish, seq.n_prompt, seq.generated))
-        return True
+        stream.put(seq.delta(tail, finish))
+        return finish

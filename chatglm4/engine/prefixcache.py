@@ -31,9 +31,7 @@ class PrefixCache:
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
         self.tokens = 0
-        self.hits = 0
         self.hit_tokens = 0
-        self.lookups = 0
         self._entries: OrderedDict[int, tuple[int, list[tuple[Any, Any]], list[int]]] = OrderedDict()
         self._index: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
@@ -44,7 +42,6 @@ class PrefixCache:
             return 0, None
         keys = block_keys(ids[:len(ids) - 1])
         with self._lock:
-            self.lookups += 1
             for k in range(len(keys) - 1, -1, -1):
                 found = self._index.get(keys[k])
                 if found is None:
@@ -52,7 +49,6 @@ class PrefixCache:
                 entry_key, n = found
                 _, kv, _ = self._entries[entry_key]
                 self._entries.move_to_end(entry_key)
-                self.hits += 1
                 self.hit_tokens += n
                 return n, [(key[:, :, :n], value[:, :, :n]) for key, value in kv]
         return 0, None

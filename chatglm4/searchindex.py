@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,8 @@ class CatalogueIndex:
     """Hybrid retrieval over a catalogue, updated from its change log; thread-safe."""
 
     EMBED_BATCH = 32
+    # Changes of at most this many books are embedded by refresh() itself.
+    SYNC_EMBED_MAX = 32
 
     def __init__(self, catalogue: "Catalogue", embedders: list[Embedder], cache: EmbeddingCache | None = None,
                  settings: FusionSettings = FusionSettings(), poll_interval: float = 1.0):
@@ -142,7 +145,9 @@ class CatalogueIndex:
         self._sync = threading.Lock()               # one change-log reader at a time
         self._ready = threading.Event()
         self._stop = threading.Event()
-        self._pending: list[tuple[_State, int]] = []  # rows waiting for embeddings, oldest first
+        # Rows waiting for embeddings: changes (urgent) before a bulk load's backlog.
+        self._urgent: deque[tuple[_State, int]] = deque()
+        self._backlog: deque[tuple[_State, int]] = deque()
         self._pending_cv = threading.Condition()
         self.load_error: str | None = None
         self.loaded_in: float | None = None
@@ -229,15 +234,21 @@ class CatalogueIndex:
                     rows = [state.upsert(book) for book in changes.upserted]
                     moved = changes.cursor != state.cursor
                     state.cursor = changes.cursor
-                self._queue(state, rows)
+                if rows and len(rows) <= self.SYNC_EMBED_MAX:
+                    # A few changed books are embedded here and now: searchable, semantically too,
+                    # when this returns (their fused score needs the vectors to clear the floor).
+                    self._embed_rows(state, rows, urgent=True)
+                else:
+                    self._queue(state, rows, urgent=True)
                 if not moved or not (changes.upserted or changes.deleted):
                     break
             return state.lex.needs_compaction()
 
-    def _queue(self, state: _State, rows: list[int]) -> None:
+    def _queue(self, state: _State, rows: list[int], urgent: bool = False) -> None:
+        """Hands rows to the embedding worker: a bulk load's at the back, changes' at the front."""
         if self.embedders and rows:
             with self._pending_cv:
-                self._pending.extend((state, r) for r in rows)
+                (self._urgent if urgent else self._backlog).extend((state, r) for r in rows)
                 self._pending_cv.notify()
 
     # ------------------------------------------------------------ embeddings
@@ -245,9 +256,11 @@ class CatalogueIndex:
     def _embed_worker(self) -> None:
         while not self._stop.is_set():
             with self._pending_cv:
-                while not self._pending and not self._stop.is_set():
+                while not (self._urgent or self._backlog) and not self._stop.is_set():
                     self._pending_cv.wait(1.0)
-                work, self._pending = self._pending[:256], self._pending[256:]
+                # Small batches, changes first: a new book waits for at most one batch of a backlog.
+                queue = self._urgent if self._urgent else self._backlog
+                work = [queue.popleft() for _ in range(min(self.EMBED_BATCH, len(queue)))]
             by_state: dict[_State, list[int]] = {}
             for state, row in work:
                 # Rows of a state that was replaced are dropped: its successor queued its own.
@@ -259,10 +272,10 @@ class CatalogueIndex:
             except Exception as exc:  # the database or a model failed: retry these rows later
                 log.warning("embedding %d books failed, retrying: %s", len(work), exc)
                 with self._pending_cv:
-                    self._pending = work + self._pending
+                    self._urgent.extendleft(reversed(work))
                 self._stop.wait(2.0)
 
-    def _embed_rows(self, state: _State, rows: list[int]) -> None:
+    def _embed_rows(self, state: _State, rows: list[int], urgent: bool = False) -> None:
         with self._lock:
             wanted = {int(state.ids[r]): r for r in rows if state.row_of.get(int(state.ids[r])) == r}
         if not wanted:
@@ -282,7 +295,7 @@ class CatalogueIndex:
                 if self._stop.is_set():
                     return
                 part = miss[start:start + self.EMBED_BATCH]
-                matrix = embedder.passages(part)
+                matrix = embedder.passages(part, urgent=urgent)
                 if self.cache:
                     self.cache.put_many(embedder.name, [(keys[b.id], v) for b, v in zip(part, matrix)])
                 self._put(state, embedder.name, [(wanted[b.id], b.id) for b in part], matrix)
@@ -337,6 +350,6 @@ class CatalogueIndex:
             "ready": self.ready,
             "books": state.lex.live,
             "embedded": {name: v.filled for name, v in state.vectors.items()},
-            "pending_embeddings": len(self._pending),
+            "pending_embeddings": len(self._urgent) + len(self._backlog),
             "error": self.load_error,
         }

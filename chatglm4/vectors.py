@@ -67,6 +67,7 @@ class VectorRows:
         self._matrix = np.zeros((1024, dim), dtype=np.float32)
         self._has = np.zeros(1024, dtype=np.bool_)
         self.filled = 0
+        self._high = 0  # one past the highest row with a vector: the matrix is only read up to it
         self._lock = threading.Lock()
 
     def _ensure(self, rows: int) -> None:
@@ -85,6 +86,7 @@ class VectorRows:
             self._matrix[rows] = vectors
             self._has[rows] = True
             self.filled += new
+            self._high = max(self._high, max(rows) + 1)
 
     def drop(self, row: int) -> None:
         with self._lock:
@@ -97,6 +99,10 @@ class VectorRows:
 
     def scores(self, query: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosine of every row 0..rows-1 with the query, mask of rows that have a vector)."""
+        cos = np.zeros(rows, dtype=np.float32)
+        has = np.zeros(rows, dtype=np.bool_)
         with self._lock:
-            self._ensure(rows)
-            return self._matrix[:rows] @ query, self._has[:rows].copy()
+            high = min(rows, self._high)
+            cos[:high] = self._matrix[:high] @ query
+            has[:high] = self._has[:high]
+        return cos, has

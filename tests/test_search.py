@@ -101,9 +101,9 @@ class CountingEmbedder:
     def text(self, book):
         return self.inner.text(book)
 
-    def passages(self, books):
+    def passages(self, books, urgent=False):
         self.embedded += len(books)
-        return self.inner.passages(books)
+        return self.inner.passages(books, urgent)
 
     def query(self, text):
         return self.inner.query(text)

@@ -47,7 +47,10 @@ class TemplateTask:
 
 def _book_prepare(request: BookSearchTaskRequest, limit: int) -> dict:
     books = book_task.narrow(request, limit)
-    return {"query": request.query, "books": books, "ids": [b.id for b in books]}
+    # The model answers with the books' positions in the list (1..k), not catalogue ids: one or two
+    # tokens a choice instead of up to six digits each, so the answer is generated about twice as fast.
+    return {"query": request.query, "books": books, "ids": [b.id for b in books],
+            "choices": list(range(1, len(books) + 1))}
 
 
 TASKS: dict[str, TemplateTask] = {
@@ -57,9 +60,9 @@ TASKS: dict[str, TemplateTask] = {
         system_template="book_search.system.j2",
         user_template="book_search.user.j2",
         prepare=_book_prepare,
-        schema=lambda v: book_task.ids_schema(v["ids"]) if v["ids"] else None,
-        max_tokens=lambda v: book_task.max_answer_tokens(v["ids"]),
-        finish=lambda text, v: {"ids": book_task.parse_ids(text, v["ids"])},
+        schema=lambda v: book_task.ids_schema(v["choices"]) if v["choices"] else None,
+        max_tokens=lambda v: book_task.max_answer_tokens(v["choices"]),
+        finish=lambda text, v: {"ids": [v["ids"][n - 1] for n in book_task.parse_ids(text, v["choices"])]},
         response_model=BookSearchTaskResponse,
     ),
 }

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ MAX_TITLE_LENGTH = 255
 _CHUNK = 500
 # Two writers racing on the same titles lose at most a few rounds; past this something else is wrong.
 _ADD_ATTEMPTS = 5
+# Schema creation racing another process on SQLite: a few short retries settle it.
+_SCHEMA_ATTEMPTS = 5
 # Old change-log rows are deleted this many at a time, so pruning never holds one huge transaction.
 _PRUNE_CHUNK = 50_000
 # Seconds a MySQL schema statement may run (ALTER TABLE copies the table).
@@ -352,18 +355,31 @@ class Catalogue:
         Idempotent, and safe while another process runs it too: each step checks first and takes
         "already exists" from a concurrent run as done."""
         with self._guard("init_schema"):
-            if self._backend == "sqlite":
-                self._ensure_sqlite_folder()
-            else:
-                self._ensure_mysql_database()
-            engine = self._schema_engine()
-            try:
-                if not self._create_book_table(engine):
-                    self._upgrade_book_table(engine)
-                self._ensure_change_log(engine)
-            finally:
-                if engine is not self._engine:
-                    engine.dispose()
+            for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+                try:
+                    return self._init_schema_once()
+                except sa_exc.OperationalError as error:
+                    # SQLite answers a read lock that cannot become a write lock (two processes
+                    # creating the schema at once) with "database is locked" at once, without
+                    # waiting for busy_timeout: the loser steps back and looks again.
+                    if self._backend != "sqlite" or "locked" not in str(error.orig) or attempt == _SCHEMA_ATTEMPTS:
+                        raise
+                    log.debug("init_schema found the database locked (attempt %d); retrying", attempt)
+                    time.sleep(0.1 * attempt)
+
+    def _init_schema_once(self) -> None:
+        if self._backend == "sqlite":
+            self._ensure_sqlite_folder()
+        else:
+            self._ensure_mysql_database()
+        engine = self._schema_engine()
+        try:
+            if not self._create_book_table(engine):
+                self._upgrade_book_table(engine)
+            self._ensure_change_log(engine)
+        finally:
+            if engine is not self._engine:
+                engine.dispose()
 
     def _schema_engine(self) -> Engine:
         """The engine for schema work: on MySQL one without the 10 s read timeout that keeps ordinary

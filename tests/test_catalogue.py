@@ -659,26 +659,33 @@ def test_upgrade_keeps_duplicate_titles_and_warns(mysql_url, caplog):
         cat.dispose()
 
 
-def test_two_processes_upgrading_at_once(mysql_url):
-    _create_database(mysql_url)
-    run_sql(mysql_url, "CREATE TABLE book (title char(255)) CHARACTER SET utf8mb4",
-            *[f"INSERT INTO book (title) VALUES ('{t}')" for t in DEMO_TITLES])
-    cats = [Catalogue(mysql_url, seed_titles=SEEDS) for _ in range(3)]
+def init_schema_at_once(cats: list[Catalogue]) -> list[BaseException]:
+    """Runs init_schema on every catalogue at the same moment (as separate processes would); the
+    errors they raised."""
     barrier = threading.Barrier(len(cats))
     errors: list[BaseException] = []
 
-    def upgrade(cat: Catalogue) -> None:
+    def run(cat: Catalogue) -> None:
         barrier.wait()
         try:
             cat.init_schema()
         except CatalogueUnavailable as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=upgrade, args=(c,)) for c in cats]
+    threads = [threading.Thread(target=run, args=(c,)) for c in cats]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
+    return errors
+
+
+def test_two_processes_upgrading_at_once(mysql_url):
+    _create_database(mysql_url)
+    run_sql(mysql_url, "CREATE TABLE book (title char(255)) CHARACTER SET utf8mb4",
+            *[f"INSERT INTO book (title) VALUES ('{t}')" for t in DEMO_TITLES])
+    cats = [Catalogue(mysql_url, seed_titles=SEEDS) for _ in range(3)]
+    errors = init_schema_at_once(cats)
     try:
         assert not errors
         _check_upgraded(cats[0], DEMO_TITLES)
@@ -689,21 +696,7 @@ def test_two_processes_upgrading_at_once(mysql_url):
 
 def test_two_processes_creating_at_once(db_url):
     cats = [Catalogue(db_url, seed_titles=SEEDS) for _ in range(3)]
-    barrier = threading.Barrier(len(cats))
-    errors: list[BaseException] = []
-
-    def create(cat: Catalogue) -> None:
-        barrier.wait()
-        try:
-            cat.init_schema()
-        except CatalogueUnavailable as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=create, args=(c,)) for c in cats]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    errors = init_schema_at_once(cats)
     try:
         assert not errors
         assert cats[1].all() == [Book(id=i, title=t) for i, t in enumerate(SEEDS, start=1)]

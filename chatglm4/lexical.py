@@ -20,22 +20,10 @@ from typing import Iterable
 
 import numpy as np
 
+from .growable import Growable
+
 K1 = 1.5
 B = 0.75
-
-
-class _Grow:
-    """A numpy vector that grows by doubling."""
-
-    def __init__(self, dtype, fill=0) -> None:
-        self.data = np.full(1024, fill, dtype=dtype)
-        self.fill = fill
-
-    def ensure(self, n: int) -> None:
-        if n > len(self.data):
-            bigger = np.full(max(n, 2 * len(self.data)), self.fill, dtype=self.data.dtype)
-            bigger[:len(self.data)] = self.data
-            self.data = bigger
 
 
 class LexicalIndex:
@@ -46,8 +34,8 @@ class LexicalIndex:
         self._postings: list[array] = []     # term id -> rows containing it (dead ones included)
         self._df: list[int] = []             # term id -> live rows containing it
         self._doc_terms: list[array | None] = []  # row -> its term ids (None once removed)
-        self._length = _Grow(np.float32)
-        self._live = _Grow(np.bool_, False)
+        self._length = Growable(np.float32)
+        self._live = Growable(np.bool_, False)
         self._n_live = 0
         self._total_length = 0
         self._dead_postings = 0

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .embedding import Embedder
+from .growable import Growable
 from .lexical import LexicalIndex
 from .protocol import Book
 from .retrieval import index_text, tokenize
@@ -101,7 +102,7 @@ class _State:
         self.lex = LexicalIndex()
         self.vectors = {e.name: VectorRows(e.dim) for e in embedders}
         self.row_of: dict[int, int] = {}
-        self.ids = np.zeros(1024, dtype=np.int64)   # row -> book id
+        self.ids = Growable(np.int64)                # row -> book id
         self.cursor = cursor
 
     def remove(self, book_id: int) -> None:
@@ -115,11 +116,8 @@ class _State:
         """Indexes `book` (an edited one becomes a new row: its old terms and vectors go); its row."""
         self.remove(book.id)
         row = self.lex.add(tokenize(index_text(book)))
-        if row >= len(self.ids):
-            bigger = np.zeros(max(row + 1, 2 * len(self.ids)), dtype=np.int64)
-            bigger[:len(self.ids)] = self.ids
-            self.ids = bigger
-        self.ids[row] = book.id
+        self.ids.ensure(row + 1)
+        self.ids.data[row] = book.id
         self.row_of[book.id] = row
         return row
 
@@ -277,7 +275,7 @@ class CatalogueIndex:
 
     def _embed_rows(self, state: _State, rows: list[int], urgent: bool = False) -> None:
         with self._lock:
-            wanted = {int(state.ids[r]): r for r in rows if state.row_of.get(int(state.ids[r])) == r}
+            wanted = {int(state.ids.data[r]): r for r in rows if state.row_of.get(int(state.ids.data[r])) == r}
         if not wanted:
             return
         books = self.catalogue.get_many(list(wanted))
@@ -320,7 +318,7 @@ class CatalogueIndex:
             n = len(raw)
             if n == 0 or not state.lex.live:
                 return []
-            live = state.lex.live_mask(n)
+            live, n_live = state.lex.live_mask(n), state.lex.live
             fused = s.coverage_weight * (raw / ideal if ideal > 0 else raw)
             total_weight = sum(s.weights.get(name, 0.0) for name in queries) or 1.0
             for name, q in queries.items():
@@ -331,13 +329,13 @@ class CatalogueIndex:
                 values = cos[has]
                 z = standardise(values)
                 fused[has] += (s.weights.get(name, 0.0) / total_weight) * z
-            ids = state.ids[:n].copy()
+            ids = state.ids.data[:n].copy()
         fused = np.where(live, fused, -np.inf)
-        top = min(k, int(live.sum()))
+        top = min(k, n_live)
         best_rows = np.argpartition(-fused, top - 1)[:top]
         best_rows = best_rows[np.lexsort((ids[best_rows], -fused[best_rows]))]
         best = float(fused[best_rows[0]])
-        if best < (s.floor if s.floor is not None else floor_for(int(live.sum()))):
+        if best < (s.floor if s.floor is not None else floor_for(n_live)):
             return []
         return [Hit(int(ids[r]), float(fused[r])) for r in best_rows if fused[r] >= best - s.margin]
 

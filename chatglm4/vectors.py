@@ -13,6 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .growable import Growable
+
 log = logging.getLogger(__name__)
 
 
@@ -64,38 +66,30 @@ class VectorRows:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self._matrix = np.zeros((1024, dim), dtype=np.float32)
-        self._has = np.zeros(1024, dtype=np.bool_)
+        self._matrix = Growable(np.float32, width=dim)
+        self._has = Growable(np.bool_, False)
         self.filled = 0
         self._high = 0  # one past the highest row with a vector: the matrix is only read up to it
         self._lock = threading.Lock()
 
-    def _ensure(self, rows: int) -> None:
-        if rows > len(self._has):
-            size = max(rows, 2 * len(self._has))
-            matrix = np.zeros((size, self.dim), dtype=np.float32)
-            matrix[:len(self._has)] = self._matrix
-            has = np.zeros(size, dtype=np.bool_)
-            has[:len(self._has)] = self._has
-            self._matrix, self._has = matrix, has
-
     def put(self, rows: list[int], vectors: np.ndarray) -> None:
         with self._lock:
-            self._ensure(max(rows) + 1)
-            new = int((~self._has[rows]).sum())
-            self._matrix[rows] = vectors
-            self._has[rows] = True
+            self._matrix.ensure(max(rows) + 1)
+            self._has.ensure(max(rows) + 1)
+            new = int((~self._has.data[rows]).sum())
+            self._matrix.data[rows] = vectors
+            self._has.data[rows] = True
             self.filled += new
             self._high = max(self._high, max(rows) + 1)
 
     def drop(self, row: int) -> None:
         with self._lock:
-            if row < len(self._has) and self._has[row]:
-                self._has[row] = False
+            if self.has(row):
+                self._has.data[row] = False
                 self.filled -= 1
 
     def has(self, row: int) -> bool:
-        return row < len(self._has) and bool(self._has[row])
+        return row < len(self._has.data) and bool(self._has.data[row])
 
     def scores(self, query: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosine of every row 0..rows-1 with the query, mask of rows that have a vector)."""
@@ -103,6 +97,6 @@ class VectorRows:
         has = np.zeros(rows, dtype=np.bool_)
         with self._lock:
             high = min(rows, self._high)
-            cos[:high] = self._matrix[:high] @ query
-            has[:high] = self._has[:high]
+            cos[:high] = self._matrix.data[:high] @ query
+            has[:high] = self._has.data[:high]
         return cos, has

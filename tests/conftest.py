@@ -170,14 +170,19 @@ def mysql_connection() -> pymysql.connections.Connection:
     return pymysql.connect(**MYSQL, connect_timeout=3, charset="utf8mb4", autocommit=True)
 
 
-def mysql_database_exists(name: str) -> bool:
+def mysql_query(sql: str, params: tuple = ()) -> list[tuple]:
+    """Runs one statement on a fresh server-level connection; its rows."""
     conn = mysql_connection()
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,))
-            return cur.fetchone() is not None
+            cur.execute(sql, params)
+            return list(cur.fetchall())
     finally:
         conn.close()
+
+
+def mysql_database_exists(name: str) -> bool:
+    return bool(mysql_query("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,)))
 
 
 @pytest.fixture
@@ -193,13 +198,17 @@ def mysql_url():
     name = "glm4_test_" + uuid.uuid4().hex[:12]
     assert not mysql_database_exists(name)
     yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
-    conn = mysql_connection()
-    try:
-        with conn.cursor() as cur:
-            # The name is generated above from hex digits only.
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    finally:
-        conn.close()
+    # The name is generated above from hex digits only.
+    mysql_query(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def db_url(request, tmp_path):
+    """A URL to a catalogue database that does not exist yet, on SQLite (in a folder not yet made)
+    and on MariaDB (dropped afterwards)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sub/catalogue.db"
+    return request.getfixturevalue("mysql_url")
 
 
 @pytest.fixture(scope="session")

@@ -15,20 +15,12 @@ import pytest
 from chatglm4.catalogue import (Catalogue, CatalogueUnavailable, Changes, DEFAULT_SEED_PATH, TitleConflict,
                                 load_seed_titles)
 from chatglm4.protocol import Book, BookPatch, NewBook
-from conftest import mysql_connection, mysql_database_exists
+from conftest import mysql_connection, mysql_database_exists, mysql_query
 
 log = logging.getLogger(__name__)
 
 SEEDS = load_seed_titles()
 INJECTIONS = ["x'); DROP TABLE book; --", "' OR '1'='1", '"; DELETE FROM book; --']
-
-
-@pytest.fixture(params=["sqlite", "mysql"])
-def db_url(request, tmp_path):
-    """A URL to a database that does not exist yet; MySQL's is dropped afterwards."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/sub/catalogue.db"
-    return request.getfixturevalue("mysql_url")
 
 
 @pytest.fixture
@@ -87,14 +79,9 @@ def test_existing_empty_table_is_never_reseeded(db_url, catalogue):
 def test_mysql_table_is_innodb_utf8mb4(db_url, catalogue):
     if catalogue.backend != "mysql":
         pytest.skip("MySQL-only storage options")
-    conn = mysql_connection()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT ENGINE, TABLE_COLLATION FROM information_schema.TABLES "
-                        "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'book'", (db_url.rsplit("/", 1)[1],))
-            engine, collation = cur.fetchone()
-    finally:
-        conn.close()
+    [(engine, collation)] = mysql_query("SELECT ENGINE, TABLE_COLLATION FROM information_schema.TABLES "
+                                        "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'book'",
+                                        (db_url.rsplit("/", 1)[1],))
     assert engine == "InnoDB"
     assert collation.startswith("utf8mb4")
 
@@ -509,24 +496,14 @@ DEMO_TITLES = ["线性代数", "abc", "ABC", "红楼梦"]
 
 
 def _create_database(db_url: str) -> None:
-    conn = mysql_connection()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE `{db_url.rsplit('/', 1)[1]}` CHARACTER SET utf8mb4")
-    finally:
-        conn.close()
+    mysql_query(f"CREATE DATABASE `{db_url.rsplit('/', 1)[1]}` CHARACTER SET utf8mb4")
 
 
 def _mysql_columns(db_url: str) -> dict[str, tuple]:
-    conn = mysql_connection()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT COLUMN_NAME, DATA_TYPE, COLLATION_NAME, IS_NULLABLE, COLUMN_KEY "
-                        "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'book'",
-                        (db_url.rsplit("/", 1)[1],))
-            return {row[0]: row[1:] for row in cur.fetchall()}
-    finally:
-        conn.close()
+    rows = mysql_query("SELECT COLUMN_NAME, DATA_TYPE, COLLATION_NAME, IS_NULLABLE, COLUMN_KEY "
+                       "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'book'",
+                       (db_url.rsplit("/", 1)[1],))
+    return {row[0]: row[1:] for row in rows}
 
 
 def _check_upgraded(cat: Catalogue, titles: list[str]) -> None:

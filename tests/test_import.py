@@ -20,13 +20,6 @@ SEEDS = load_seed_titles()
 LIBRARY = EVAL_DIR / "library" / "catalogue.jsonl"
 
 
-@pytest.fixture(params=["sqlite", "mysql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/catalogue.db"
-    return request.getfixturevalue("mysql_url")
-
-
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path}/catalogue.db"

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from flask import Flask, Response, jsonify, request
 
 from chatglm4 import config as cfg
-from chatglm4 import errors, sse
+from chatglm4 import drain as draining
+from chatglm4 import errors, headers, sse
 from chatglm4.engine import EngineBusy, EngineError, EngineStats, GenerationStream, SchemaError
 from chatglm4.engine.modelload import default_served_name
 from chatglm4.metrics import Metrics
@@ -70,6 +71,7 @@ def create_app(state: ServerState) -> Flask:
     app = Flask(__name__)
     app.json.ensure_ascii = False
     errors.install(app, ERRORS)
+    headers.install(app)
     metrics = Metrics("chatglm4_model_server")
     metrics.install(app)
     for name, doc, field in (
@@ -90,7 +92,7 @@ def create_app(state: ServerState) -> Flask:
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        chat = ChatCompletionRequest.model_validate(errors.json_body(request))
+        chat = errors.parse(ChatCompletionRequest, request)
         stream = state.require_kernel().chat(chat)
         # waitress keeps reading the socket while we generate (channel_request_lookahead), so it can
         # tell us when the client has gone: its generation is then cancelled, streamed or not.
@@ -110,6 +112,10 @@ def create_app(state: ServerState) -> Flask:
                                       choices=[Choice(message=AssistantMessage(content=result.text),
                                                       finish_reason=result.finish_reason)])
         return jsonify(body.model_dump())
+
+    @app.get("/metrics")
+    def prometheus():
+        return metrics.response()
 
     @app.get("/v1/models")
     def models():
@@ -182,11 +188,20 @@ def load_in_background(config: cfg.ModelServerConfig, state: ServerState,
 
 
 def serve(config: cfg.ModelServerConfig, state: ServerState, kernel_factory: Any = load_kernel) -> None:
-    """Binds the port, loads the model in the background, serves until interrupted."""
-    server = make_server(create_app(state), config.host, config.port, config.threads, "chatglm4-model-server")
+    """Binds the port, loads the model in the background, serves until a signal has drained it."""
+    drain = draining.Drain(config.shutdown_grace)
+    app = create_app(state)
+    app.wsgi_app = drain.wrap(app.wsgi_app)
+    server = make_server(app, config.host, config.port, config.threads, "chatglm4-model-server")
     load_in_background(config, state, kernel_factory)
     log.info("model server listening on http://%s:%s", config.host, server.effective_port)
-    server.run()
+
+    def stop_engine() -> None:
+        # Whatever outlived the grace period ends with an error frame instead of a cut connection.
+        if state.kernel is not None:
+            state.kernel.engine.shutdown()
+
+    draining.serve(server, drain, "model server", after_drain=stop_engine)
 
 
 def main(argv: list[str] | None = None) -> int:

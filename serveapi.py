@@ -9,6 +9,7 @@ answers 503 with Retry-After within a bounded time instead of hanging."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import sys
@@ -20,15 +21,16 @@ import requests
 from flask import Flask, Response, jsonify, render_template, request
 
 from chatglm4 import config as cfg
-from chatglm4 import embedding, errors, importer, sse
+from chatglm4 import drain as draining
+from chatglm4 import embedding, errors, headers, importer, sse
 from chatglm4.booksearch import BookSearch
 from chatglm4.catalogue import Catalogue, CatalogueUnavailable, TitleConflict, load_seed_titles
 from chatglm4.metrics import Metrics
-from chatglm4.openapi import Route, build
+from chatglm4.openapi import Api, Route
 from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest, ApiChatResponse, Book, BookPatch,
                                BookListQuery, BookListResponse, BookSearchRequest, BookSearchResponse,
                                ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ImportResponse,
-                               ModelList)
+                               ModelList, SearchProgress)
 from chatglm4.searchindex import CatalogueIndex, FusionSettings
 from chatglm4.upstream import ModelServerPool
 from chatglm4.vectors import EmbeddingCache
@@ -38,33 +40,26 @@ log = logging.getLogger("serveapi")
 
 VERSION = "0.1.0"
 
-ROUTES = [
-    Route("GET", "/", "the web page", auth=False, content_type="text/html"),
-    Route("POST", "/v1/chat/completions", "OpenAI chat completion (stream true or false)",
-          ChatCompletionRequest, ChatCompletionResponse, streams=True),
-    Route("GET", "/v1/models", "OpenAI model list", response=ModelList),
-    Route("POST", "/api/chat", "chat in the original demo's shape", ApiChatRequest, ApiChatResponse, streams=True),
-    Route("POST", "/api/books/search", "book search over the catalogue", BookSearchRequest, BookSearchResponse),
-    Route("GET", "/api/books", "a page of the catalogue", response=BookListResponse, query=BookListQuery),
-    Route("POST", "/api/books", "add books", AddBooksRequest, AddBooksResponse),
-    Route("POST", "/api/books/import", "import a CSV or JSON-lines file of books", response=ImportResponse),
-    Route("PATCH", "/api/books/{id}", "edit a book", BookPatch, Book),
-    Route("DELETE", "/api/books/{id}", "delete a book"),
-    Route("GET", "/health", "state of the model server(s) and the database", response=HealthResponse, auth=False),
-    Route("GET", "/metrics", "Prometheus metrics", auth=False, content_type="text/plain"),
-    Route("GET", "/openapi.json", "this description", auth=False),
-]
-
-
 # What POST /api/books/import accepts, by Content-Type.
 IMPORT_TYPES = {"text/csv": ".csv", "application/x-ndjson": ".jsonl", "application/jsonl": ".jsonl"}
 
+
+def _catalogue_unavailable(exc: CatalogueUnavailable) -> errors.APIError:
+    # The driver's text names hosts and users: it goes to the log, not to the caller.
+    log.warning("catalogue database unavailable: %s", exc)
+    return errors.Unavailable("the catalogue database is unavailable", retry_after=5, code="database_unavailable")
+
+
 # How the gateway's own failures reach the caller (the model servers' come through upstream.py).
 ERRORS = {
-    CatalogueUnavailable: lambda exc: errors.Unavailable(f"the catalogue database is unavailable: {exc}",
-                                                         retry_after=5),
+    CatalogueUnavailable: _catalogue_unavailable,
     TitleConflict: lambda exc: errors.Conflict(str(exc)),
 }
+
+# Statuses by what a route depends on: the model servers (busy or down: 503; broken: 502; their own
+# 4xx relayed), the catalogue database (down: 503).
+MODEL = (400, 502, 503)
+DATABASE = (503,)
 
 
 def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
@@ -74,8 +69,10 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
     app.json.ensure_ascii = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     errors.install(app, ERRORS)
+    headers.install(app)
     metrics = Metrics("chatglm4_gateway")
     metrics.install(app)
+    api = Api(app)
 
     catalogue = catalogue or Catalogue(config.database_url, seed_titles=load_seed_titles())
     pool = pool or ModelServerPool(cfg.model_server_urls(config), connect_timeout=config.connect_timeout,
@@ -90,7 +87,6 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
                       ).set_function(lambda name=embedder.name: index.progress()["embedded"].get(name, 0))
     keys = cfg.api_keys(config)
     schema = {"ready": False}
-    spec = build(ROUTES, "ChatGLM4 Web", VERSION)
 
     def ensure_schema() -> None:
         # The database may be down at start; the schema is created at the first request that finds it up.
@@ -104,25 +100,36 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         log.warning("catalogue not ready yet: %s", exc)
     index.start()
 
+    def valid_key() -> str | None:
+        """The caller's API key if it is one of ours."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if token and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            return token
+        return None
+
     if config.rate_limit:
         from flask_limiter import Limiter
 
         def client_key() -> str:
-            return request.headers.get("Authorization") or request.remote_addr or "anonymous"
+            # One bucket per key we issued; anything else (no key, a wrong or reformatted one) counts
+            # against the client's address, so made-up headers cannot mint fresh buckets.
+            key = valid_key() if keys else None
+            if key is not None:
+                return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            return "addr:" + (request.remote_addr or "unknown")
 
-        limiter = Limiter(client_key, app=app, storage_uri="memory://", default_limits=[config.rate_limit],
-                          default_limits_exempt_when=lambda: not _is_api(request.path))
-        limiter.init_app(app)
+        Limiter(client_key, app=app, storage_uri="memory://", default_limits=[config.rate_limit],
+                default_limits_exempt_when=lambda: not _is_api(request.path) or request.method == "OPTIONS")
 
     @app.before_request
     def _auth():
-        if not keys or not _is_api(request.path):
+        if not keys or not _is_api(request.path) or request.method == "OPTIONS":
             return None
         header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not token:
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise errors.Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        if valid_key() is None:
             raise errors.Unauthorized("invalid API key")
         return None
 
@@ -132,23 +139,25 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         upstream = pool.request("POST", "/v1/chat/completions", json=payload, stream=True)
         return Response(_relay(upstream), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
 
-    @app.post("/v1/chat/completions")
+    @api.route(Route("POST", "/v1/chat/completions", "OpenAI chat completion (stream true or false)",
+                     ChatCompletionRequest, ChatCompletionResponse, streams=True, errors=MODEL))
     def chat_completions():
-        chat = ChatCompletionRequest.model_validate(errors.json_body(request))
+        chat = errors.parse(ChatCompletionRequest, request)
         payload = chat.model_dump(exclude_none=True, by_alias=True)
         if chat.stream:
             return relay_stream(payload)
         resp = pool.request("POST", "/v1/chat/completions", json=payload)
         return Response(resp.content, status=resp.status_code, mimetype="application/json")
 
-    @app.get("/v1/models")
+    @api.route(Route("GET", "/v1/models", "OpenAI model list", response=ModelList, errors=MODEL))
     def models():
         resp = pool.request("GET", "/v1/models", read_timeout=10)
         return Response(resp.content, status=resp.status_code, mimetype="application/json")
 
-    @app.post("/api/chat")
+    @api.route(Route("POST", "/api/chat", "chat in the original demo's shape", ApiChatRequest, ApiChatResponse,
+                     streams=True, errors=MODEL))
     def api_chat():
-        body = ApiChatRequest.model_validate(errors.json_body(request))
+        body = errors.parse(ApiChatRequest, request)
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [m.model_dump() for m in body.history] + [{"role": "user", "content": body.prompt}]
         chat = ChatCompletionRequest.model_validate({
@@ -160,16 +169,18 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         answer = ChatCompletionResponse.model_validate(pool.request("POST", "/v1/chat/completions", json=payload).json())
         return jsonify(ApiChatResponse(respond=answer.choices[0].message.content, usage=answer.usage).model_dump())
 
-    @app.post("/api/books/search")
+    @api.route(Route("POST", "/api/books/search", "book search over the catalogue", BookSearchRequest,
+                     BookSearchResponse, errors=MODEL))
     def books_search():
-        body = BookSearchRequest.model_validate(errors.json_body(request))
+        body = errors.parse(BookSearchRequest, request)
         ensure_schema()
         result = search.search(body.query)
         return jsonify(BookSearchResponse(books=result.books, message=result.message).model_dump())
 
     # ------------------------------------------------------------ catalogue routes
 
-    @app.get("/api/books")
+    @api.route(Route("GET", "/api/books", "a page of the catalogue", response=BookListResponse, query=BookListQuery,
+                     errors=DATABASE))
     def books_list():
         query = BookListQuery.model_validate(request.args.to_dict())
         ensure_schema()
@@ -177,15 +188,17 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         return jsonify(BookListResponse(books=books, total=total,
                                         offset=query.offset, limit=query.limit).model_dump())
 
-    @app.post("/api/books")
+    @api.route(Route("POST", "/api/books", "add books", AddBooksRequest, AddBooksResponse, status=201,
+                     errors=DATABASE))
     def books_add():
-        body = AddBooksRequest.model_validate(errors.json_body(request))
+        body = errors.parse(AddBooksRequest, request)
         ensure_schema()
         added = catalogue.add_books(body.new_books())
         search.refresh()
         return jsonify(AddBooksResponse(books=added).model_dump()), 201
 
-    @app.post("/api/books/import")
+    @api.route(Route("POST", "/api/books/import", "import a CSV or JSON-lines file of books", response=ImportResponse,
+                     uploads=tuple(IMPORT_TYPES), errors=DATABASE))
     def books_import():
         """A librarian's upload: the body is a CSV (header row) or JSON-lines file, imported whole
         or, if a line is malformed, not at all (400 naming the line)."""
@@ -206,9 +219,9 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         search.refresh()
         return jsonify(ImportResponse(lines=report.lines, added=report.added, present=report.present).model_dump())
 
-    @app.patch("/api/books/<int:book_id>")
+    @api.route(Route("PATCH", "/api/books/{book_id}", "edit a book", BookPatch, Book, errors=(404, 409) + DATABASE))
     def books_edit(book_id: int):
-        patch = BookPatch.model_validate(errors.json_body(request))
+        patch = errors.parse(BookPatch, request)
         ensure_schema()
         book = catalogue.update(book_id, patch.changes())
         if book is None:
@@ -216,7 +229,7 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         search.refresh()
         return jsonify(book.model_dump())
 
-    @app.delete("/api/books/<int:book_id>")
+    @api.route(Route("DELETE", "/api/books/{book_id}", "delete a book", status=204, errors=(404,) + DATABASE))
     def books_delete(book_id: int):
         ensure_schema()
         if not catalogue.delete(book_id):
@@ -226,7 +239,8 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
 
     # ------------------------------------------------------------ operations
 
-    @app.get("/health")
+    @api.route(Route("GET", "/health", "state of the model server(s), the database and search",
+                     response=HealthResponse, auth=False, errors=(503,), failure_body=True))
     def health():
         servers = pool.health()
         try:
@@ -234,24 +248,36 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
             db = {"ok": True, "backend": catalogue.backend}
         except CatalogueUnavailable as exc:
             db = {"ok": False, "backend": catalogue.backend, "reason": str(exc)}
+        progress = index.progress()
         ok = db["ok"] and any(s["ok"] for s in servers.values())
-        body = HealthResponse(status="ok" if ok else "unavailable",
-                              detail={"database": db, "model_servers": servers, "search": index.progress()})
-        resp = jsonify(body.model_dump())
+        body = HealthResponse(
+            status="ok" if ok else "unavailable",
+            components={"database": "ok" if db["ok"] else "unavailable",
+                        "model_servers": "ok" if any(s["ok"] for s in servers.values()) else "unavailable",
+                        "search": "ok" if progress["ready"] and not progress["error"] else
+                        ("unavailable" if progress["error"] else "loading")},
+            search=SearchProgress(**{k: progress[k] for k in SearchProgress.model_fields}),
+            detail={"database": db, "model_servers": servers, "search": progress} if keys and valid_key() else None)
+        resp = jsonify(body.model_dump(exclude_none=True))
         if not ok:
             resp.status_code = 503
             resp.headers["Retry-After"] = "5"
         return resp
 
-    @app.get("/openapi.json")
+    @api.route(Route("GET", "/metrics", "Prometheus metrics", auth=False, content_type="text/plain"))
+    def prometheus():
+        return metrics.response()
+
+    @api.route(Route("GET", "/openapi.json", "this description", auth=False))
     def openapi():
         return jsonify(spec)
 
-    @app.get("/")
+    @api.route(Route("GET", "/", "the web page", auth=False, content_type="text/html"))
     def page():
         return render_template("index.html", auth_required=bool(keys))
 
-    app.extensions["chatglm4"] = {"catalogue": catalogue, "pool": pool, "search": search, "index": index}
+    spec = api.spec("ChatGLM4 Web", VERSION, keys=bool(keys))
+    app.extensions["chatglm4"] = {"catalogue": catalogue, "pool": pool, "search": search, "index": index, "api": api}
     return app
 
 
@@ -293,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     app = create_app(config)
+    drain = draining.Drain(config.shutdown_grace)
+    app.wsgi_app = drain.wrap(app.wsgi_app)
     try:
         server = make_server(app, config.host, config.port, config.threads, "chatglm4-gateway")
     except OSError as exc:
@@ -301,11 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("gateway listening on http://%s:%s (model servers: %s; catalogue: %s)", config.host,
              server.effective_port, ", ".join(cfg.model_server_urls(config)), app.extensions["chatglm4"]["catalogue"].backend)
     try:
-        server.run()
-    except KeyboardInterrupt:
-        log.info("stopped")
+        draining.serve(server, drain, "gateway")
     finally:
         app.extensions["chatglm4"]["index"].close()
+    log.info("stopped")
     return 0
 
 

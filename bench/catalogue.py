@@ -102,7 +102,7 @@ def bench(rows: int) -> dict:
 
         def progress() -> dict:
             try:
-                return requests.get(gw.url + "/health", timeout=10).json()["detail"]["search"]
+                return requests.get(gw.url + "/health", timeout=10).json()["search"]
             except (requests.RequestException, ValueError, KeyError):
                 return {}
 

@@ -16,6 +16,11 @@ def setting(default: Any, env: str | None, help: str, *, flag: str | None = None
     return field(default=default, metadata={"env": env, "help": help, "flag": flag})
 
 
+def _shutdown_grace() -> Any:
+    return setting(30.0, "SHUTDOWN_GRACE_SECONDS",
+                   "on SIGTERM or Ctrl-C, seconds to let requests in flight finish before exiting")
+
+
 def _search_candidates() -> Any:
     # Both servers read it (the gateway retrieves this many, the model server narrows to this many
     # when handed more), so it is declared here once.
@@ -41,6 +46,7 @@ class ModelServerConfig:
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")
     # Each streamed reply holds a thread for its whole generation: keep more than max_batch + max_waiting.
     threads: int = setting(128, "MODEL_SERVER_THREADS", "HTTP worker threads")
+    shutdown_grace: float = _shutdown_grace()
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class GatewayConfig:
     search_model_choice: str = setting("on", "SEARCH_MODEL_CHOICE", "on: the model chooses among the candidates; off: retrieval's candidates are the answer")
     catalogue_poll: float = setting(1.0, "CATALOGUE_POLL_SECONDS", "how often search reads the catalogue's change log (other processes' writes)")
     threads: int = setting(128, "GATEWAY_THREADS", "HTTP worker threads (each streamed reply holds one)")
+    shutdown_grace: float = _shutdown_grace()
 
 
 class ConfigError(ValueError):
@@ -126,6 +133,8 @@ def validate(config: Any) -> None:
             raise ConfigError(f"{f.name} must be at least 1")
         if f.name in ("upstream_timeout", "connect_timeout", "catalogue_poll") and value <= 0:
             raise ConfigError(f"{f.name} must be positive")
+        if f.name == "shutdown_grace" and value < 0:
+            raise ConfigError("shutdown_grace must be 0 or more seconds")
         if f.name == "max_context" and value < 0:
             raise ConfigError("max_context must be 0 (the model's) or positive")
     if isinstance(config, ModelServerConfig):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Callable, Mapping, TypeVar
 
 from flask import Flask, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -137,15 +141,62 @@ def install(app: Flask, table: Mapping[type[BaseException], Callable[[Any], APIE
         return error_response(500, "internal server error", "internal_error")
 
 
+# Deeper than any request of ours needs, shallow enough that no parser or validator downstream
+# (pydantic, xgrammar's schema compiler) can run out of stack on it.
+MAX_JSON_DEPTH = 64
+
+
 def json_body(request) -> dict:
-    """The request's JSON object, or BadRequest saying why not."""
-    raw = request.get_data(cache=True)
+    """The request's JSON object, or a 4xx saying why not.
+
+    Only `Content-Type: application/json` is read: a browser sends that type cross-origin only
+    after a CORS preflight, so a foreign web page cannot post form-typed bodies to a keyless server."""
+    raw = request.get_data(cache=True)  # first: an oversized body is a 413 whatever its type
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"send the body as application/json, not {request.mimetype or 'no content type'}")
     if not raw:
         raise BadRequest("request body is empty; send a JSON object")
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(raw, parse_float=_number, parse_constant=_not_json)
+    except RecursionError:
+        raise BadRequest(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    _check_tree(body)
     return body
+
+
+def _number(literal: str) -> float | int:
+    # JSON has one number type: 5.0 is the integer 5 to JSON Schema, so it is one here too (strict
+    # validation would refuse a float for an integer field).
+    value = float(literal)
+    return int(value) if value.is_integer() else value
+
+
+def _not_json(literal: str) -> None:
+    raise ValueError(f"{literal} is not a JSON number")
+
+
+def parse(model: type[M], request) -> M:
+    """The request's JSON body as `model`, validated strictly: JSON `false` is no number and `"5"`
+    no integer, as /openapi.json says."""
+    return model.model_validate(json_body(request), strict=True)
+
+
+def _check_tree(body: Any) -> None:
+    """BadRequest if `body` nests too deeply or holds a lone UTF-16 surrogate ("\\ud800" is valid
+    JSON but no UTF-8 text: the database and the model server could not take it)."""
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((k, depth) for k in node)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str) and _SURROGATE.search(node):
+            raise BadRequest("request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")

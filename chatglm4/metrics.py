@@ -27,7 +27,7 @@ class Metrics:
                          buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30))
 
     def install(self, app: Flask) -> None:
-        """Counts every request and serves GET /metrics."""
+        """Counts every request (the app serves `response()` at its /metrics route)."""
 
         @app.before_request
         def _start():
@@ -42,6 +42,6 @@ class Metrics:
                 self.latency.labels(route).observe(time.perf_counter() - g.metrics_start)
             return resp
 
-        @app.get("/metrics")
-        def metrics():
-            return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)
+    def response(self) -> Response:
+        """The Prometheus text exposition of this registry."""
+        return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)

@@ -9,7 +9,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 # ---------------------------------------------------------------- OpenAI chat completions
 
@@ -17,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
+
+
+# More turns than any context holds; past this a request is refused instead of fitted.
+MAX_MESSAGES = 1000
 
 
 class ChatMessage(BaseModel):
@@ -37,32 +43,43 @@ class JsonSchemaSpec(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
+class TextFormat(BaseModel):
+    type: Literal["text"]
 
-    @model_validator(mode="after")
-    def _schema_present(self) -> "ResponseFormat":
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format.json_schema is required when type is 'json_schema'")
-        return self
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+# One shape per type (as OpenAI's reference declares it), so the schema itself says that
+# "json_schema" needs its json_schema.
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, StringConstraints(min_length=1)]
+
+
 class ChatCompletionRequest(BaseModel):
     """POST /v1/chat/completions on both servers."""
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(default=None,
+                                                                                        validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # torch seeds generators with any 64-bit value, signed or not.
@@ -202,11 +219,25 @@ class Book(BaseModel):
 
 MAX_TITLE = 255
 
+# What Python's str.strip() removes, plus the byte-order mark JSON Schema's \s includes: text made
+# only of these is blank. One definition for the code and the schema's patterns.
+BLANK = ("\t\n\v\f\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+         "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
+NOT_BLANK = "[^" + "".join(f"\\u{ord(c):04x}" for c in BLANK) + "]"
+
+
+def text(limit: int, *, required: bool = False) -> Any:
+    """A string field of at most `limit` characters; `required`: it must hold a non-blank character.
+    Declared in the schema so /openapi.json says what is accepted; blankness is checked by the
+    fields' validators (strip(BLANK)), which say it in words rather than as a regex."""
+    extra = {"pattern": NOT_BLANK} if required else None
+    return Annotated[str, StringConstraints(max_length=limit), Field(json_schema_extra=extra)]
+
 
 def _clean_text(value: str | None, limit: int, name: str) -> str | None:
     if value is None:
         return None
-    value = value.strip()
+    value = value.strip(BLANK)
     if len(value) > limit:
         raise ValueError(f"{name} is longer than {limit} characters")
     return value or None
@@ -217,11 +248,11 @@ class BookFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    author: str | None = None
-    subjects: list[str] = Field(default_factory=list, max_length=16)
+    author: text(255) | None = None
+    subjects: list[text(64)] = Field(default_factory=list, max_length=16)
     year: int | None = Field(default=None, ge=-3000, le=3000)
-    isbn: str | None = None
-    description: str | None = None
+    isbn: text(32) | None = None
+    description: text(4000) | None = None
 
     @field_validator("author")
     @classmethod
@@ -252,7 +283,7 @@ class BookFields(BaseModel):
 class NewBook(BookFields):
     """A book to add: a title and any of the optional fields (the catalogue gives the id)."""
 
-    title: str
+    title: text(MAX_TITLE, required=True)
 
     @field_validator("title")
     @classmethod
@@ -266,13 +297,14 @@ class NewBook(BookFields):
 class BookPatch(BookFields):
     """PATCH /api/books/<id>: the fields to change; a field sent as null is cleared."""
 
-    title: str | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    # Not nullable: a book keeps a title (left out, it is not changed).
+    title: text(MAX_TITLE, required=True) = None
 
     @field_validator("title")
     @classmethod
-    def _title(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
+    def _title(cls, v: str) -> str:
         return NewBook._title(v)
 
     @model_validator(mode="after")
@@ -295,7 +327,7 @@ class ApiChatRequest(BaseModel):
     """POST /api/chat: the original demo's shape."""
 
     prompt: str = Field(min_length=1)
-    history: list[ChatMessage] = Field(default_factory=list)
+    history: list[ChatMessage] = Field(default_factory=list, max_length=MAX_MESSAGES - 2)
     stream: bool = False
     system: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -310,14 +342,14 @@ class ApiChatResponse(BaseModel):
 class BookSearchRequest(BaseModel):
     """POST /api/books/search."""
 
-    query: str = Field(min_length=1, max_length=1000)
+    query: text(1000, required=True)
 
     @field_validator("query")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if not v.strip(BLANK):
             raise ValueError("query must not be blank")
-        return v.strip()
+        return v.strip(BLANK)
 
 
 class BookSearchResponse(BaseModel):
@@ -333,7 +365,10 @@ class BookListResponse(BaseModel):
 
 
 class BookListQuery(BaseModel):
-    offset: int = Field(default=0, ge=0)
+    model_config = ConfigDict(extra="forbid")
+
+    # Bounded so every store takes it (SQL integers are 64-bit) and JavaScript reads it exactly.
+    offset: int = Field(default=0, ge=0, le=2 ** 53 - 1)
     limit: int = Field(default=50, ge=1, le=1000)
 
 
@@ -342,15 +377,17 @@ class AddBooksRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    books: list[NewBook] | None = Field(default=None, min_length=1, max_length=10000)
-    titles: list[str] | None = Field(default=None, min_length=1, max_length=10000)
+    # Exactly one of the two (declared in the schema too); neither is nullable.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["books"]},
+                                                                           {"required": ["titles"]}]})
+
+    books: list[NewBook] = Field(default=None, min_length=1, max_length=10000)
+    titles: list[text(MAX_TITLE, required=True)] = Field(default=None, min_length=1, max_length=10000)
 
     @field_validator("titles")
     @classmethod
-    def _clean_titles(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        cleaned = [t.strip() for t in v]
+    def _clean_titles(cls, v: list[str]) -> list[str]:
+        cleaned = [t.strip(BLANK) for t in v]
         for i, t in enumerate(cleaned):
             if not t:
                 raise ValueError(f"titles[{i}] is blank")
@@ -360,7 +397,7 @@ class AddBooksRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> "AddBooksRequest":
-        if (self.books is None) == (self.titles is None):
+        if ("books" in self.model_fields_set) == ("titles" in self.model_fields_set):
             raise ValueError('send either "books" or "titles"')
         return self
 
@@ -380,9 +417,26 @@ class ImportResponse(BaseModel):
     present: int
 
 
+ComponentState = Literal["ok", "loading", "unavailable"]
+
+
+class SearchProgress(BaseModel):
+    """How far the search index has got: counts only, safe to show anyone."""
+
+    ready: bool
+    books: int
+    embedded: dict[str, int]
+    pending_embeddings: int
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "unavailable"]
-    detail: dict[str, Any] = Field(default_factory=dict)
+    """GET /health. Anyone sees the overall state, each component's state and the search progress;
+    `detail` (internal URLs, backends, error text) only a caller with an API key."""
+
+    status: ComponentState
+    components: dict[str, ComponentState] = Field(default_factory=dict)
+    search: SearchProgress | None = None
+    detail: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- template tasks (model server)
@@ -391,7 +445,7 @@ class HealthResponse(BaseModel):
 class BookSearchTaskRequest(BaseModel):
     """POST /tasks/book_search on the model server."""
 
-    query: str = Field(min_length=1, max_length=1000)
+    query: text(1000, required=True)
     books: list[Book] = Field(max_length=100000)
 
 

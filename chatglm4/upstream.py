@@ -22,8 +22,9 @@ COOLDOWN_S = 5.0
 class UpstreamError(APIError):
     """A model server answered with an error of its own; relayed with its status and message."""
 
-    def __init__(self, status: int, message: str, type_: str, retry_after: int | None = None):
-        super().__init__(message, retry_after=retry_after)
+    def __init__(self, status: int, message: str, type_: str, retry_after: int | None = None,
+                 code: str | None = None):
+        super().__init__(message, retry_after=retry_after, code=code)
         self.status = status
         self.type = type_
 
@@ -104,9 +105,13 @@ def _error_code(resp: requests.Response) -> str | None:
 
 
 def _relay_error(resp: requests.Response) -> APIError:
+    """The model server's error as the gateway's, keeping its status class, message and `code`
+    (so a client can tell `queue_full` from `model_server_unavailable`)."""
+    code = None
     try:
         err = resp.json()["error"]
         message, type_ = str(err["message"]), str(err.get("type", "upstream_error"))
+        code = err.get("code") if isinstance(err.get("code"), str) else None
     except (ValueError, KeyError, TypeError):
         message, type_ = f"model server answered {resp.status_code}", "upstream_error"
     finally:
@@ -114,6 +119,7 @@ def _relay_error(resp: requests.Response) -> APIError:
     if resp.status_code >= 500:
         retry = resp.headers.get("Retry-After")
         if resp.status_code == 503:
-            return Unavailable(message, retry_after=int(retry) if retry and retry.isdigit() else 5)
-        return UpstreamError(502, f"model server error: {message}", "upstream_error")
-    return UpstreamError(resp.status_code, message, type_)
+            return Unavailable(message, retry_after=int(retry) if retry and retry.isdigit() else 5,
+                               code=code or "model_server_unavailable")
+        return UpstreamError(502, f"model server error: {message}", "upstream_error", code=code)
+    return UpstreamError(resp.status_code, message, type_, code=code)

@@ -4,6 +4,7 @@ the model server going away and coming back, injection through every string fiel
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import openai
@@ -120,23 +121,52 @@ def test_search_over_10000_titles(model_server, serve, tmp_path):
 
 
 def test_health_metrics_openapi(gateway):
-    from serveapi import ROUTES
-
     health = requests.get(gateway.url + "/health", timeout=10)
     assert health.status_code == 200
-    detail = health.json()["detail"]
-    assert detail["database"]["ok"] and all(s["ok"] for s in detail["model_servers"].values())
+    # Anyone may ask; with no key they learn each component's state, never internal URLs or errors.
+    body = health.json()
+    assert body["status"] == "ok" and body["components"]["database"] == body["components"]["model_servers"] == "ok"
+    assert body["components"]["search"] in ("ok", "loading")
+    assert set(body["search"]) == {"ready", "books", "embedded", "pending_embeddings"}
+    assert "detail" not in body and "127.0.0.1" not in health.text
     metrics = requests.get(gateway.url + "/metrics", timeout=10)
     assert metrics.status_code == 200 and "chatglm4_gateway_requests_total" in metrics.text
-    spec = requests.get(gateway.url + "/openapi.json", timeout=10).json()
-    assert spec["openapi"].startswith("3.")
-    for route in ROUTES:
-        assert route.method.lower() in spec["paths"][route.path]
     page = requests.get(gateway.url + "/", timeout=10)
     assert page.status_code == 200 and "ChatGLM4 Web" in page.text
 
 
+def test_openapi_is_built_from_the_routes_themselves(gateway):
+    from conftest import ROOT
+
+    spec = requests.get(gateway.url + "/openapi.json", timeout=10).json()
+    assert spec["openapi"].startswith("3.")
+    declared = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    served = {(method, re.sub(r"<int:(\w+)>", r"{\1}", rule.rule)) for rule in gateway.app.url_map.iter_rules()
+              if rule.endpoint != "static" for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert declared == served
+    ops = spec["paths"]
+    assert "201" in ops["/api/books"]["post"]["responses"]
+    assert {"204", "404"} <= set(ops["/api/books/{book_id}"]["delete"]["responses"])
+    assert ops["/health"]["get"]["responses"]["503"] == ops["/health"]["get"]["responses"]["200"] | {
+        "description": "unavailable"}
+    stream = ops["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert {"const": "[DONE]", "description": "the last event"} in stream["schema"]["properties"]["data"]["anyOf"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for _, path in declared:
+        assert path.split("{")[0] in readme, path
+
+
 # ---------------------------------------------------------------- every error status
+
+
+JSON = "application/json"
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +181,22 @@ def offline_gateway(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method, path, kwargs, status", [
-    ("POST", "/api/chat", {"data": "not json"}, 400),
+    ("POST", "/api/chat", {"data": "not json", "content_type": JSON}, 400),
     ("POST", "/api/chat", {"json": ["a", "list"]}, 400),
-    ("POST", "/api/chat", {"data": b""}, 400),
-    ("POST", "/api/books/search", {"data": b"\xff\xfe{"}, 400),
+    ("POST", "/api/chat", {"data": b"", "content_type": JSON}, 400),
+    ("POST", "/api/books/search", {"data": b"\xff\xfe{", "content_type": JSON}, 400),
+    # nested past any parser's stack, or text that is no UTF-8: a 400, not a 500
+    ("POST", "/api/books", {"data": "[" * 100_000 + "]" * 100_000, "content_type": JSON}, 400),
+    ("POST", "/api/books", {"data": '{"a":' * 100_000 + "1" + "}" * 100_000, "content_type": JSON}, 400),
+    ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}],
+                                               "metadata": nested(70)}}, 400),
+    ("POST", "/api/books", {"data": '{"titles": ["a\\ud800b"]}', "content_type": JSON}, 400),
+    ("POST", "/v1/chat/completions", {"data": '{"messages": [{"role": "user", "content": "a\\udfffb"}]}',
+                                      "content_type": JSON}, 400),
+    # only application/json is read: a foreign page's form post cannot reach a keyless catalogue
+    ("POST", "/api/books", {"data": '{"titles": ["x"]}', "content_type": "text/plain"}, 415),
+    ("POST", "/api/books/search", {"data": "query=x", "content_type": "application/x-www-form-urlencoded"}, 415),
+    ("POST", "/api/chat", {"data": '{"prompt": "hi"}'}, 415),
     ("GET", "/no/such/route", {}, 404),
     ("DELETE", "/api/books/abc", {}, 404),
     ("PUT", "/api/books", {"json": {}}, 405),
@@ -170,6 +212,11 @@ def offline_gateway(tmp_path_factory):
     ("POST", "/api/books", {"json": {"titles": ["x" * 256]}}, 422),
     ("GET", "/api/books", {"params": {"limit": "abc"}}, 422),
     ("GET", "/api/books", {"params": {"offset": "-1"}}, 422),
+    ("GET", "/api/books", {"params": {"offset": "99999999999999999999"}}, 422),
+    ("DELETE", "/api/books/99999999999999999999", {}, 404),
+    ("PATCH", "/api/books/99999999999999999999", {"json": {"year": 1}}, 404),
+    ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}] * 10_000}}, 422),
+    ("POST", "/api/chat", {"json": {"prompt": "x", "history": [{"role": "user", "content": "x"}] * 10_000}}, 422),
     ("POST", "/v1/chat/completions", {"json": {"messages": []}}, 422),
     ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "top_p": 0}}, 422),
 ])
@@ -192,6 +239,11 @@ def test_api_keys(model_server, serve, tmp_path):
     # the page, health and the description stay public
     for path in ("/", "/health", "/openapi.json"):
         assert requests.get(gw.url + path, timeout=10).status_code == 200
+    # ...but only a key holder sees what is behind /health: URLs, backends, reasons
+    anonymous = requests.get(gw.url + "/health", headers={"Authorization": "Bearer nope"}, timeout=10).json()
+    assert "detail" not in anonymous and anonymous["components"]["model_servers"] == "ok"
+    detail = requests.get(gw.url + "/health", headers={"Authorization": "Bearer k1"}, timeout=10).json()["detail"]
+    assert detail["database"]["backend"] == "sqlite" and model_server.url in detail["model_servers"]
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="k1", max_retries=0, timeout=60)
     assert client.models.list().data
     with pytest.raises(openai.AuthenticationError):
@@ -206,6 +258,27 @@ def test_rate_limit_is_a_429(model_server, serve, tmp_path):
     assert_error(r, 429)
     assert r.headers["Retry-After"]
     assert requests.get(gw.url + "/health", timeout=10).status_code == 200  # not limited
+
+
+def test_rate_limit_is_keyed_on_the_key_not_the_header(model_server, serve, tmp_path):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), api_keys="k1,k2", rate_limit="3/minute")
+    url = gw.url + "/api/books"
+    # the same key written three ways is one bucket
+    for header in ("Bearer k1", "Bearer  k1", "bearer k1 "):
+        assert requests.get(url, headers={"Authorization": header}, timeout=10).status_code == 200
+    assert_error(requests.get(url, headers={"Authorization": "Bearer   k1"}, timeout=10), 429)
+    assert requests.get(url, headers={"Authorization": "Bearer k2"}, timeout=10).status_code == 200  # its own
+    # made-up keys cannot mint fresh buckets: they count against the address (and are refused)
+    codes = [requests.get(url, headers={"Authorization": f"Bearer made-up-{i}"}, timeout=10).status_code
+             for i in range(4)]
+    assert codes[:3] == [401, 401, 401] and codes[3] == 429
+
+
+def test_rate_limit_without_keys_is_per_address(model_server, serve, tmp_path):
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), rate_limit="3/minute")
+    codes = [requests.get(gw.url + "/api/books", headers={"Authorization": f"Bearer random-{i}"}, timeout=10
+                          ).status_code for i in range(4)]
+    assert codes == [200, 200, 200, 429]
 
 
 def test_model_server_down_then_back(kernel, serve, tmp_path):
@@ -227,6 +300,7 @@ def test_model_server_down_then_back(kernel, serve, tmp_path):
         r = requests.post(gw.url + path, json=body, timeout=30)
         assert_error(r, 503)
         assert int(r.headers["Retry-After"]) > 0
+        assert r.json()["error"]["code"] == "model_server_unavailable"
         assert time.monotonic() - started < 10
     assert_error(requests.get(gw.url + "/v1/models", timeout=30), 503)
     assert requests.get(gw.url + "/health", timeout=30).status_code == 503
@@ -289,7 +363,8 @@ def test_sql_injection_through_every_string_field(gateway):
 
 def test_gateway_on_mysql(model_server, mysql_url, serve):
     gw = serve.gateway(model_server.url, mysql_url)
-    assert requests.get(gw.url + "/health", timeout=10).json()["detail"]["database"]["backend"] == "mysql"
+    health = requests.get(gw.url + "/health", timeout=10).json()
+    assert health["components"]["database"] == "ok"
     page = requests.get(gw.url + "/api/books", params={"limit": 25}, timeout=10).json()
     assert [b["title"] for b in page["books"]] == SEED_TITLES and page["total"] == 25
     assert [b["id"] for b in page["books"]] == list(range(1, 26))
@@ -300,3 +375,36 @@ def test_gateway_on_mysql(model_server, mysql_url, serve):
     assert [b["title"] for b in added] == INJECTIONS
     assert Catalogue(mysql_url).list(0, 100)[1] == 25 + len(INJECTIONS)
     assert requests.delete(f"{gw.url}/api/books/{added[0]['id']}", timeout=10).status_code == 204
+
+
+def test_security_headers_and_options(offline_gateway):
+    client, _ = offline_gateway
+    page = client.get("/")
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert page.headers["X-Frame-Options"] == "DENY"
+    for resp in (page, client.get("/api/books"), client.post("/api/books", data="x", content_type="text/plain")):
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    options = client.options("/api/books")
+    assert options.status_code == 204 and not options.data
+    assert {"GET", "POST"} <= {m.strip() for m in options.headers["Allow"].split(",")}
+    assert client.options("/no/such/route").status_code == 404
+
+
+def test_database_down_says_so_without_driver_text():
+    from serveapi import create_app
+
+    app = create_app(gateway_config("http://127.0.0.1:9", "mysql+pymysql://root:s3cretpw@127.0.0.1:1/x",
+                                    embedding_models=""), pool=StubPool())
+    client = app.test_client()
+    try:
+        r = client.get("/api/books")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.json["error"]["code"] == "database_unavailable"
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json["components"]["database"] == "unavailable"
+        for body in (r.get_data(as_text=True), health.get_data(as_text=True)):
+            # no host, port, driver or password: those are in the log only
+            assert not any(s in body for s in ("127.0.0.1", "pymysql", "s3cretpw", "Can't connect", "2003"))
+    finally:
+        app.extensions["chatglm4"]["index"].close()

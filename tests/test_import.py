@@ -153,7 +153,7 @@ BAD_JSONL = [
     ('{"title": "多字段", "colour": "red"}', "colour: unknown field"),
     ('{"title": "主题错", "subjects": 5}', "subjects"),
     ('{"title": "主题错", "subjects": [1, 2]}', "subjects"),
-    ('{"title": "' + "长" * 256 + '"}', "longer than 255"),
+    ('{"title": "' + "长" * 256 + '"}', "at most 255 characters"),
 ]
 
 

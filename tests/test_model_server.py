@@ -225,7 +225,7 @@ def small_queue_engine(kernel):
     engine.shutdown()
 
 
-def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(small_queue_engine, serve):
+def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(small_queue_engine, serve, tmp_path):
     from LLMkernel import Kernel
 
     # small_queue_engine comes before serve, so the server is stopped before its engine shuts down.
@@ -241,6 +241,12 @@ def test_full_queue_is_503_at_once_and_cancel_frees_the_slot(small_queue_engine,
     assert third.status_code == 503 and third.headers["Retry-After"]
     assert third.json()["error"]["code"] == "queue_full"
     assert time.monotonic() - started < 5
+    # Through the gateway the reason survives: busy (queue_full), not down (model_server_unavailable).
+    gw = serve.gateway(server.url, f"sqlite:///{tmp_path / 'catalogue.db'}", embedding_models="")
+    for body in (long, {**long, "stream": False}):
+        relayed = requests.post(gw.url + "/v1/chat/completions", json=body, timeout=60)
+        assert relayed.status_code == 503 and relayed.headers["Retry-After"]
+        assert relayed.json()["error"]["code"] == "queue_full"
     second.close()
     first.close()  # the client goes away: its generation must stop
     deadline = time.monotonic() + 20

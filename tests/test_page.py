@@ -54,6 +54,9 @@ def new_page(browser):
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # The page runs under a strict Content-Security-Policy: anything it blocks is a defect.
+        page.on("console", lambda msg: errors.append(msg.text)
+                if msg.type == "error" and "Content Security Policy" in msg.text else None)
         page.goto(url)
         expect(page.locator("#send")).to_be_visible()
         return page
@@ -187,6 +190,8 @@ def test_stop_a_long_reply(kernel, tmp_path, serve, new_page, shots):
 
 def test_search_the_seed_catalogue(gateway, new_page, shots):
     page = new_page(gateway.url)
+    # styles come from static/app.css (the policy forbids inline ones) and are applied
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(246, 247, 249)"
     tab(page, "search")
     page.locator("#query").fill("我想学法语")
     page.locator("#query").press("Enter")

@@ -221,7 +221,7 @@ def test_post_then_search_and_patch_and_delete(gateway):
 
 def test_health_and_metrics_report_search_progress(gateway):
     health = requests.get(gateway.url + "/health", timeout=10).json()
-    search = health["detail"]["search"]
+    search = health["search"]
     assert search["ready"] and search["books"] >= 25 and set(search["embedded"]) == {"e5", "use"}
     metrics = requests.get(gateway.url + "/metrics", timeout=10).text
     assert "chatglm4_search_books" in metrics and "chatglm4_search_embedded_e5" in metrics
@@ -274,5 +274,5 @@ def test_library_eval_through_the_gateway(model_server, serve, library_db, outpu
 
 
 def _embedded(url: str) -> bool:
-    search = requests.get(url + "/health", timeout=10).json()["detail"]["search"]
+    search = requests.get(url + "/health", timeout=10).json()["search"]
     return search["ready"] and all(n == search["books"] for n in search["embedded"].values())

@@ -95,6 +95,25 @@ def test_fit_conversation_newest_alone_too_long():
         fit_conversation([msg("user", 10), msg("assistant", 10), msg("user", 200)], fake_encode, 100)
 
 
+def test_fit_conversation_encodes_a_long_history_logarithmically():
+    # 10,000 messages used to take one encoding per dropped turn (quadratic: minutes, then a 503).
+    messages = [msg("system", 5)] + [msg("user" if i % 2 == 0 else "assistant", 10 + i % 7) for i in range(9999)]
+    calls = []
+
+    def counting(ms):
+        calls.append(len(ms))
+        return fake_encode(ms)
+
+    kept, ids = fit_conversation(messages, counting, 500)
+    assert len(calls) <= 16
+    # The same answer as dropping turns one at a time: the longest suffix starting at a user turn that fits.
+    rest = messages[1:]
+    first = next(i for i in range(len(rest))
+                 if rest[i]["role"] == "user" and len(fake_encode(messages[:1] + rest[i:])) <= 500)
+    assert first > 0 and len(fake_encode(messages[:1] + rest[first - 2:])) > 500
+    assert kept == messages[:1] + rest[first:] and len(ids) == len(fake_encode(kept))
+
+
 def test_config_precedence_cli_over_env_over_default():
     env = {"GATEWAY_PORT": "9100", "API_KEYS": "a,b"}
     assert cfg.load(cfg.GatewayConfig, [], env).port == 9100
@@ -149,14 +168,10 @@ def test_titles_enter_the_prompt_as_quoted_data():
     assert "法语" in text  # Chinese stays readable, not \\u escapes
 
 
-def test_readme_documents_every_setting_and_route():
+def test_readme_documents_every_setting():  # and every route: test_openapi_is_built_from_the_routes_themselves
     from conftest import ROOT
-    from serveapi import ROUTES
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for cls in (cfg.ModelServerConfig, cfg.GatewayConfig):
         for flag, env, _, _ in cfg.settings_table(cls):
             assert f"`{flag}`" in readme and f"`{env}`" in readme, flag
-    for route in ROUTES:
-        path = route.path.replace("{id}", "")
-        assert path in readme, route.path

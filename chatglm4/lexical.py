@@ -92,6 +92,12 @@ class LexicalIndex:
             self._live.ensure(rows)
             return self._live.data[:rows].copy()
 
+    def has(self, term: str) -> bool:
+        """Whether some live document contains `term`."""
+        with self._lock:
+            tid = self._vocab.get(term)
+            return tid is not None and self._df[tid] > 0
+
     def idf(self, df: int) -> float:
         return math.log(1.0 + (self._n_live - df + 0.5) / (df + 0.5))
 

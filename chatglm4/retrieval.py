@@ -114,6 +114,35 @@ def index_text(book: Book) -> str:
     return " ".join([book.title, book.author or "", " ".join(book.subjects)])
 
 
+# "[日] 村上春树", "常庚哲, 史济怀", "（清）曹雪芹": nationality or dynasty marks, then names.
+_AUTHOR_MARK = re.compile(r"[\[［(（][^\]］)）]*[\]］)）]")
+_AUTHOR_SEPARATORS = re.compile(r"[,，、;；/\s]+")
+_HAN_NAME = re.compile(rf"[{_CJK}]{{2,4}}")
+
+
+def author_pinyin(author: str | None) -> dict[str, str]:
+    """Each Chinese author name in pinyin, written as English text writes it, one word per order,
+    family name first and last (余华 -> yuhua, huayu), mapped to the name: so "novels by Yu Hua" or
+    "Cixin Liu" find the books. Names of other scripts (村上春树 has a dictionary entry) are left to
+    translation."""
+    if not author or "·" in author:  # 乔治·B. 托马斯: a foreign name written in characters
+        return {}
+    from pypinyin import lazy_pinyin
+
+    out: dict[str, str] = {}
+    for name in _AUTHOR_SEPARATORS.split(_AUTHOR_MARK.sub(" ", author)):
+        if _HAN_NAME.fullmatch(name):
+            syllables = lazy_pinyin(name)
+            out["".join(syllables)] = name
+            out["".join(syllables[1:] + syllables[:1])] = name
+    return out
+
+
+def index_terms(book: Book) -> list[str]:
+    """A book's lexical terms: those of `index_text`, and its authors' names in pinyin."""
+    return list(dict.fromkeys(tokenize(index_text(book)) + list(author_pinyin(book.author))))
+
+
 class Scored(NamedTuple):
     """One retrieved book and its BM25 score against the request."""
 
@@ -130,7 +159,7 @@ class KeywordIndex:
         self._index = LexicalIndex()
         for book in books:
             self._books.append(book)
-            self._index.add(tokenize(index_text(book)))
+            self._index.add(index_terms(book))
 
     def __len__(self) -> int:
         return len(self._books)

@@ -16,7 +16,11 @@ The fused score, measured on the library eval set (README, "Book search"):
 where coverage is BM25 divided by the request's ideal BM25 (the share of the request a book covers).
 Standardising each model's cosines against the catalogue makes one floor work across requests (raw
 cosines of English requests sit below those of unrelated Chinese ones). A request whose best score
-is under the floor is answered "not found"; otherwise the books within `margin` of the best."""
+is under the floor is answered "not found"; otherwise the books within `margin` of the best.
+
+An English request is translated first (`crosslingual.py`): its lexical terms are the translation's
+Chinese words, authors' names written in pinyin ("Yu Hua" → yuhua) and what stayed untranslated;
+the dense part is the better, book by book, of the request's own embedding and its translation's."""
 
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .crosslingual import Dictionary, is_foreign_request, latin_words, shared_dictionary
 from .embedding import Embedder
 from .growable import Growable
 from .lexical import LexicalIndex
 from .protocol import Book
-from .retrieval import index_text, tokenize
+from .retrieval import author_pinyin, index_terms, stopwords, tokenize
 from .vectors import EmbeddingCache, VectorRows, content_key
 
 if TYPE_CHECKING:
@@ -103,6 +108,8 @@ class _State:
         self.vectors = {e.name: VectorRows(e.dim) for e in embedders}
         self.row_of: dict[int, int] = {}
         self.ids = Growable(np.int64)                # row -> book id
+        # An author's name in pinyin -> the name ("yuhua" -> 余华), for translating English requests.
+        self.names: dict[str, str] = {}
         self.cursor = cursor
 
     def remove(self, book_id: int) -> None:
@@ -115,7 +122,8 @@ class _State:
     def upsert(self, book: Book) -> int:
         """Indexes `book` (an edited one becomes a new row: its old terms and vectors go); its row."""
         self.remove(book.id)
-        row = self.lex.add(tokenize(index_text(book)))
+        self.names.update(author_pinyin(book.author))
+        row = self.lex.add(index_terms(book))
         self.ids.ensure(row + 1)
         self.ids.data[row] = book.id
         self.row_of[book.id] = row
@@ -130,8 +138,12 @@ class CatalogueIndex:
     SYNC_EMBED_MAX = 32
 
     def __init__(self, catalogue: "Catalogue", embedders: list[Embedder], cache: EmbeddingCache | None = None,
-                 settings: FusionSettings = FusionSettings(), poll_interval: float = 1.0):
+                 settings: FusionSettings = FusionSettings(), poll_interval: float = 1.0,
+                 dictionary: Dictionary | None | bool = True):
         self.catalogue = catalogue
+        # True: the shared CC-CEDICT dictionary, loaded at the first English request; None: English
+        # requests are searched untranslated.
+        self._dictionary = dictionary
         self.embedders = embedders
         self.cache = cache
         self.settings = settings
@@ -156,6 +168,8 @@ class CatalogueIndex:
     def start(self) -> "CatalogueIndex":
         """Loads the catalogue in the background, then follows its changes; embeds as rows arrive."""
         self._spawn(self._load_then_follow, "search-index")
+        if self._dictionary is True:  # parsed now, so the first English request does not wait for it
+            self._spawn(shared_dictionary, "search-dictionary")
         if self.embedders:
             self._spawn(self._embed_worker, "search-embed")
         return self
@@ -310,8 +324,9 @@ class CatalogueIndex:
     def search(self, query: str, k: int) -> list[Hit]:
         """At most k books answering `query`, best first; [] when none scores above the floor."""
         s = self.settings
-        queries = {e.name: e.query(query) for e in self.embedders}
-        terms = tokenize(query)
+        terms, views = self._read_request(query)
+        # One embedding per model per view of the request (the request, and its translation).
+        queries = {e.name: [e.query(v) for v in views] for e in self.embedders}
         with self._lock:
             state = self._state
             raw, ideal = state.lex.scores(terms)
@@ -321,14 +336,16 @@ class CatalogueIndex:
             live, n_live = state.lex.live_mask(n), state.lex.live
             fused = s.coverage_weight * (raw / ideal if ideal > 0 else raw)
             total_weight = sum(s.weights.get(name, 0.0) for name in queries) or 1.0
-            for name, q in queries.items():
-                cos, has = state.vectors[name].scores(q, n)
-                has &= live
-                if has.sum() < 2:
-                    continue
-                values = cos[has]
-                z = standardise(values)
-                fused[has] += (s.weights.get(name, 0.0) / total_weight) * z
+            # Each book is judged by the view of the request that finds it closest.
+            dense = np.zeros((len(views), n))
+            for name, vectors in queries.items():
+                weight = s.weights.get(name, 0.0) / total_weight
+                for v, q in enumerate(vectors):
+                    cos, has = state.vectors[name].scores(q, n)
+                    has &= live
+                    if has.sum() >= 2:
+                        dense[v, has] += weight * standardise(cos[has])
+            fused += dense.max(axis=0)
             ids = state.ids.data[:n].copy()
         fused = np.where(live, fused, -np.inf)
         top = min(k, n_live)
@@ -338,6 +355,34 @@ class CatalogueIndex:
         if best < (s.floor if s.floor is not None else floor_for(n_live)):
             return []
         return [Hit(int(ids[r]), float(fused[r])) for r in best_rows if fused[r] >= best - s.margin]
+
+    def _read_request(self, query: str) -> tuple[list[str], list[str]]:
+        """(the request's lexical terms, the texts to embed for it): the request itself, and for an
+        English one its translation."""
+        if not is_foreign_request(query):
+            return tokenize(query), [query]
+        words = latin_words(query)
+        # Words the catalogue itself writes in Latin letters stay as they are (Python, SQL, Linux:
+        # translating "python" gives 蟒, the snake). So do authors' names in pinyin, indexed as one
+        # word ("yuhua"): adjacent words that join into a term the catalogue has.
+        names, used = [], set()
+        state, stop = self._state, stopwords()
+        lex = state.lex
+        for n in (3, 2, 1):
+            for i in range(len(words) - n + 1):
+                span = set(range(i, i + n))
+                joined = "".join(words[i:i + n])
+                if not span & used and (n > 1 or joined not in stop) and lex.has(joined):
+                    names.append(joined)
+                    used |= span
+        rest = " ".join(w for i, w in enumerate(words) if i not in used)
+        dictionary = shared_dictionary() if self._dictionary is True else self._dictionary or None
+        translation = dictionary.translate(rest) if dictionary else None
+        known = [state.names.get(name, name) for name in names]  # yuhua -> 余华, python stays
+        if translation is None or not (translation.chinese or known != names):
+            return tokenize(" ".join([rest, *names])), [query]
+        terms = tokenize(" ".join(translation.chinese + translation.untranslated + names))
+        return terms, [query, " ".join(known + [translation.text]).strip()]
 
     # ------------------------------------------------------------ reporting
 

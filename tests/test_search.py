@@ -169,6 +169,25 @@ def test_hybrid_ranking_reaches_english_authors_and_categories(library_db, embed
         index.close()
 
 
+def test_english_requests_are_translated_and_still_floored(library_db, embedders, embedding_cache):
+    index = built_index(library_db, embedders, embedding_cache)  # the calibrated floor on
+    try:
+        titles = {b["id"]: b for b in library_books()}
+
+        def found(query: str) -> list[dict]:
+            return [titles[h.book_id] for h in index.search(query, 8)]
+
+        assert found("Pride and Prejudice")[0]["title"] == "傲慢与偏见"      # CC-CEDICT has the title
+        assert {b["author"] for b in found("novels by Yu Hua")} & {"余华"}    # the author in pinyin
+        assert "Python" in found("Python programming")[0]["title"]         # kept, not translated (蟒)
+        assert found("1' OR '1'='1") == [] and found("how to fix a leaking faucet") == []
+        # The translation is searched beside the request, and names come back in characters.
+        terms, views = index._read_request("novels by Yu Hua")
+        assert "yuhua" in terms and views == ["novels by Yu Hua", "余华 小说"]
+    finally:
+        index.close()
+
+
 def test_changes_reach_the_index_without_a_rebuild(tmp_path, embedders, embedding_cache):
     url = f"sqlite:///{tmp_path}/cat.db"
     catalogue = Catalogue(url, seed_titles=[])

@@ -1,13 +1,11 @@
-// ChatGLM4 Web page: chat (streamed), book search, catalogue. Model output is untrusted: it is
-// only ever inserted as text nodes, never as HTML.
+// ChatGLM4 Web page: conversations (streamed, kept in this browser), book search, catalogue.
+// Model output and catalogue records are untrusted: records are only ever inserted as text nodes;
+// replies go through Markdown with raw HTML escaped, then DOMPurify (see renderMarkdown).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 20;
 const KEY = "chatglm4.apikey";
-let turns = [];          // the conversation sent as `history`
-let conversation = 0;    // bumped by New: a reply still arriving for an older conversation is dropped
-let controller = null;   // the AbortController of the reply being streamed, if any
 let offset = 0;
 
 function authHeaders() {
@@ -90,39 +88,89 @@ $("keybox").addEventListener("submit", (ev) => {
 });
 showKeyState();
 
-// ---------------------------------------------------------------- safe Markdown: code blocks and inline code
-function renderInline(el, text) {
-  const segs = text.split("`");
-  // An unmatched backtick (odd count) stays literal: only closed pairs become code.
-  const closed = segs.length % 2 === 1 ? segs.length : segs.length - 1;
-  let plain = "";
-  segs.forEach((seg, j) => {
-    if (j % 2 === 1 && j < closed) {
-      if (plain) { el.appendChild(document.createTextNode(plain)); plain = ""; }
-      const c = document.createElement("code"); c.textContent = seg; el.appendChild(c);
-    } else {
-      plain += (j >= closed ? "`" : "") + seg;
-    }
-  });
-  if (plain) el.appendChild(document.createTextNode(plain));
-}
+// ---------------------------------------------------------------- Markdown, code and math
+// Model output is untrusted. marked turns Markdown into HTML with every raw HTML tag in the source
+// escaped (so `<img onerror>` shows as text), DOMPurify then sanitises that HTML (defence in depth,
+// after rendering), and only then KaTeX and highlight.js decorate the sanitised DOM. KaTeX builds
+// its nodes itself and sets sizes through element.style (CSSOM), which the Content-Security-Policy
+// allows; parsing its HTML string would carry style attributes, which `style-src 'self'` blocks.
+const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+const MATH_BLOCK = [/^ {0,3}\$\$([\s\S]+?)\$\$[ \t]*(?:\n+|$)/, /^ {0,3}\\\[([\s\S]+?)\\\][ \t]*(?:\n+|$)/];
+// $…$ as pandoc reads it: no space inside either dollar and no digit after the closing one, so
+// "costs $5 and $10" stays text.
+const MATH_INLINE = [[/^\$\$([\s\S]+?)\$\$/, true], [/^\\\[([\s\S]+?)\\\]/, true], [/^\\\(([\s\S]+?)\\\)/, false],
+                     [/^\$(?![\s$])((?:\\.|[^\\$\n])+?)(?<!\s)\$(?!\d)/, false]];
+
+const md = new marked.Marked({
+  gfm: true, breaks: true,  // chat replies use single newlines as line breaks
+  extensions: [
+    { name: "mathBlock", level: "block",
+      start(src) { const m = src.match(/^ {0,3}(\$\$|\\\[)/m); return m ? m.index : undefined; },
+      tokenizer(src) {
+        for (const re of MATH_BLOCK) {
+          const m = re.exec(src);
+          if (m) return { type: "mathBlock", raw: m[0], text: m[1].trim() };
+        }
+        return undefined;
+      },
+      renderer(token) { return '<div class="math" data-display="1">' + escapeHtml(token.text) + "</div>\n"; } },
+    { name: "mathInline", level: "inline",
+      start(src) { const m = src.match(/\$|\\[([]/); return m ? m.index : undefined; },
+      tokenizer(src) {
+        for (const [re, display] of MATH_INLINE) {
+          const m = re.exec(src);
+          if (m) return { type: "mathInline", raw: m[0], text: m[1].trim(), display };
+        }
+        return undefined;
+      },
+      renderer(token) {
+        return '<span class="math" data-display="' + (token.display ? "1" : "0") + '">' + escapeHtml(token.text) + "</span>";
+      } },
+  ],
+  renderer: {
+    html(token) { return escapeHtml(token.text); },  // raw HTML in a reply is text, never markup
+    code(token) {
+      const lang = /^[\w+#.-]{1,32}$/.test(token.lang || "") ? token.lang : "";
+      return '<div class="codeblock"><div class="codehead"><span class="lang">' + escapeHtml(lang || "text")
+        + '</span><button type="button" class="copy">复制 Copy</button></div><pre><code'
+        + (lang ? ' class="language-' + escapeHtml(lang) + '"' : "") + ">" + escapeHtml(token.text) + "\n</code></pre></div>";
+    },
+    link(token) {  // links open elsewhere and tell that page nothing about this one
+      const href = /^(https?:|mailto:)/i.test(token.href || "") ? token.href : "";
+      const text = this.parser.parseInline(token.tokens);
+      return href ? '<a href="' + escapeHtml(href) + '" target="_blank" rel="noopener noreferrer nofollow">' + text + "</a>" : text;
+    },
+    image(token) { return escapeHtml(token.raw); },  // an image would be a request to wherever the model says
+  },
+});
 
 function renderMarkdown(el, text) {
-  el.textContent = "";
-  // ``` fences: odd parts are code. An unclosed fence (while streaming) shows as code so far.
-  text.split("```").forEach((part, i) => {
-    if (i % 2 === 1) {
-      const pre = document.createElement("pre");
-      const nl = part.indexOf("\n");
-      const lang = nl >= 0 ? part.slice(0, nl).trim() : "";
-      if (lang && !/\s/.test(lang)) pre.dataset.lang = lang;
-      pre.textContent = nl >= 0 ? part.slice(nl + 1) : part;
-      el.appendChild(pre);
-    } else {
-      renderInline(el, part);
-    }
+  const html = md.parse(text);
+  el.replaceChildren(DOMPurify.sanitize(html, { RETURN_DOM_FRAGMENT: true, FORBID_TAGS: ["style", "img", "form", "input"] }));
+  el.querySelectorAll(".math").forEach((m) => {
+    try {
+      katex.render(m.textContent, m, { displayMode: m.dataset.display === "1", throwOnError: false, trust: false, strict: "ignore" });
+    } catch (e) { /* a formula KaTeX cannot read stays as its TeX text */ }
+  });
+  el.querySelectorAll("pre code").forEach((code) => {
+    const lang = (code.className.match(/language-(\S+)/) || [])[1];
+    if (lang && !hljs.getLanguage(lang)) return;  // unknown language: plain, no guessing
+    if (!lang && code.textContent.length > 20000) return;  // auto-detection is slow on huge blocks
+    hljs.highlightElement(code);
   });
 }
+
+// One listener for every copy button, however often a reply is re-rendered.
+document.addEventListener("click", async (ev) => {
+  const btn = ev.target.closest && ev.target.closest("button.copy");
+  if (!btn) return;
+  const code = btn.closest(".codeblock").querySelector("pre code");
+  let ok = true;
+  try { await navigator.clipboard.writeText(code.textContent.replace(/\n$/, "")); } catch (e) { ok = false; }
+  btn.textContent = ok ? "已复制 Copied" : "复制失败 Select and copy";
+  btn.classList.toggle("done", ok);
+});
 
 function note(el, text) {
   const span = document.createElement("span");
@@ -139,21 +187,230 @@ function scrollDown(force) {
   if (force || nearBottom()) $("log").scrollTop = $("log").scrollHeight;
 }
 
-function addMessage(role, text) {
-  const div = document.createElement("div");
-  div.className = "msg " + role;
-  div.dataset.role = role;
-  if (role === "user") div.textContent = text; else renderMarkdown(div, text);
-  $("log").appendChild(div);
+// ---------------------------------------------------------------- conversations, kept in this browser
+// One localStorage entry per conversation (so saving one does not rewrite them all), and the id of
+// the one on screen. A conversation: {id, title, named, created, updated, settings, messages}; a
+// message: {role, content, note?, stats?, tool_calls?}.
+const CONV = "chatglm4.conv.";
+const CURRENT = "chatglm4.current";
+const SETTINGS = [["system", "sys"], ["temperature", "temperature"], ["top_p", "top_p"], ["max_tokens", "max_tokens"]];
+
+function newConversation() {
+  const now = Date.now();
+  return { id: now.toString(36) + Math.random().toString(36).slice(2, 8), title: "新对话 New chat", named: false,
+           created: now, updated: now, settings: {}, messages: [] };
+}
+
+function loadConversation(id) {
+  try {
+    const c = JSON.parse(localStorage.getItem(CONV + id));
+    return c && Array.isArray(c.messages) ? c : null;
+  } catch (e) { return null; }
+}
+
+function allConversations() {
+  const out = [];
+  for (let i = 0; i < localStorage.length; i++) {
+    const k = localStorage.key(i);
+    if (k && k.startsWith(CONV)) { const c = loadConversation(k.slice(CONV.length)); if (c) out.push(c); }
+  }
+  return out.sort((a, b) => b.updated - a.updated);
+}
+
+let conv = null;         // the conversation on screen
+let controller = null;   // the AbortController of the reply being streamed, if any
+
+// Saves `c` (an empty, unnamed one is not worth a list entry); a full storage is said, not thrown.
+function save(c, touch = true) {
+  if (touch) c.updated = Date.now();
+  if (!c.messages.length && !c.named && !Object.keys(c.settings).length) return;
+  try {
+    localStorage.setItem(CONV + c.id, JSON.stringify(c));
+  } catch (e) {
+    $("chaterror").textContent = "浏览器存储已满 This browser's storage is full: export and delete old conversations.";
+  }
+}
+
+function titleFrom(text) {
+  const t = text.replace(/\s+/g, " ").trim();
+  return t.length > 40 ? t.slice(0, 40) + "…" : t || "新对话 New chat";
+}
+
+function renderList() {
+  const list = $("convlist");
+  list.textContent = "";
+  const convs = allConversations();
+  if (conv && !convs.some((c) => c.id === conv.id)) convs.unshift(conv);
+  $("convcount").textContent = String(convs.length);
+  convs.forEach((c) => {
+    const li = document.createElement("li");
+    const b = document.createElement("button");
+    b.type = "button"; b.className = "conv"; b.dataset.id = c.id; b.textContent = c.title;
+    b.title = new Date(c.updated).toLocaleString();
+    if (conv && c.id === conv.id) b.setAttribute("aria-current", "true");
+    b.addEventListener("click", () => {
+      showList(false);
+      if (!conv || c.id !== conv.id) openConversation(c.id);
+    });
+    li.appendChild(b);
+    list.appendChild(li);
+  });
+}
+
+// Narrow screens only: the list opens over the chat's top (on wide ones it is always shown).
+function showList(open) {
+  $("view-chat").classList.toggle("convs-open", open);
+  $("convtoggle").setAttribute("aria-expanded", String(open));
+}
+$("convtoggle").addEventListener("click", () => showList(!$("view-chat").classList.contains("convs-open")));
+
+function stopStreaming() {
+  if (controller) { controller.abort(); controller = null; }
+  setBusy(false);
+}
+
+function openConversation(id) {
+  stopStreaming();
+  conv = (id && loadConversation(id)) || newConversation();
+  localStorage.setItem(CURRENT, conv.id);
+  $("chaterror").textContent = "";
+  $("convtitle").value = conv.title;
+  SETTINGS.forEach(([key, el]) => { $(el).value = conv.settings[key] === undefined ? "" : String(conv.settings[key]); });
+  $("settings").classList.toggle("set", Object.keys(conv.settings).length > 0);
+  renderLog();
+  renderList();
+}
+
+// ---------------------------------------------------------------- the log
+function statsText(s) {
+  const parts = [];
+  if (s.ttft_ms !== undefined) parts.push("首字 TTFT " + (s.ttft_ms / 1000).toFixed(2) + " s");
+  if (s.tokens !== undefined) parts.push((s.approx ? "≈" : "") + s.tokens + " tokens");
+  if (s.tps !== undefined) parts.push(s.tps.toFixed(1) + " tokens/s");
+  return parts.join(" · ");
+}
+
+function toolCallsBlock(calls) {
+  const box = document.createElement("div");
+  box.className = "toolcalls";
+  calls.forEach((call) => {
+    const d = document.createElement("details");
+    d.className = "toolcall";
+    const s = document.createElement("summary");
+    s.textContent = "工具调用 Tool call: " + ((call.function && call.function.name) || "?");
+    const pre = document.createElement("pre");
+    let args = (call.function && call.function.arguments) || "";
+    try { args = JSON.stringify(JSON.parse(args), null, 2); } catch (e) { /* partial or not JSON: as sent */ }
+    pre.textContent = args;
+    d.append(s, pre);
+    box.appendChild(d);
+  });
+  return box;
+}
+
+// Fills an assistant bubble from its message.
+function fillAssistant(bubble, m) {
+  if (m.content) renderMarkdown(bubble, m.content); else bubble.textContent = "";
+  if (m.tool_calls && m.tool_calls.length) bubble.appendChild(toolCallsBlock(m.tool_calls));
+  if (m.note === "empty") { bubble.textContent = "（空回复 The model returned an empty reply.）"; bubble.classList.add("empty"); }
+  else if (m.note) note(bubble, (m.content ? " " : "") + "[" + m.note + "]");
+}
+
+function smallButton(cls, text, label) {
+  const b = document.createElement("button");
+  b.type = "button"; b.className = "tiny " + cls; b.textContent = text;
+  if (label) b.setAttribute("aria-label", label);
+  return b;
+}
+
+function messageView(m, i) {
+  const bubble = document.createElement("div");
+  bubble.className = "msg " + m.role;
+  bubble.dataset.role = m.role;
+  bubble.dataset.index = String(i);
+  const bar = document.createElement("div");
+  bar.className = "msgbar for-" + m.role;
+  if (m.role === "user") {
+    bubble.textContent = m.content;
+    const edit = smallButton("editmsg", "编辑 Edit", "Edit message " + (i + 1));
+    edit.addEventListener("click", () => editMessage(i, bubble, bar));
+    bar.appendChild(edit);
+  } else {
+    fillAssistant(bubble, m);
+    bubble.dataset.done = "true";
+    if (m.stats) bar.appendChild(span("stats", statsText(m.stats)));
+  }
+  return [bubble, bar];
+}
+
+function renderLog() {
+  const log = $("log");
+  log.textContent = "";
+  conv.messages.forEach((m, i) => log.append(...messageView(m, i)));
+  markLast();
   scrollDown(true);
-  return div;
+}
+
+// Regenerate belongs to the last answer (or to a last question that got none, after an error).
+function markLast() {
+  document.querySelectorAll("#log .regen").forEach((b) => b.remove());
+  const n = conv.messages.length;
+  if (!n || controller) return;
+  const bars = document.querySelectorAll("#log .msgbar");
+  const bar = bars[bars.length - 1];
+  const regen = smallButton("regen", "重新生成 Regenerate", "Regenerate the last answer");
+  regen.addEventListener("click", regenerate);
+  bar.appendChild(regen);
+}
+
+function regenerate() {
+  if (controller) return;
+  while (conv.messages.length && conv.messages[conv.messages.length - 1].role !== "user") conv.messages.pop();
+  if (!conv.messages.length) return;
+  save(conv);
+  renderLog();
+  generate();
+}
+
+// Replaces a sent message's bubble with an editor; Save & resend drops everything after it.
+function editMessage(i, bubble, bar) {
+  if (controller) return;
+  const form = document.createElement("form");
+  form.className = "msgedit";
+  const area = document.createElement("textarea");
+  area.value = conv.messages[i].content; area.rows = 3; area.setAttribute("aria-label", "Edit message");
+  const ok = document.createElement("button");
+  ok.type = "submit"; ok.className = "primary"; ok.textContent = "保存并重发 Save & resend";
+  const cancel = document.createElement("button");
+  cancel.type = "button"; cancel.className = "plain"; cancel.textContent = "取消 Cancel";
+  const buttons = document.createElement("div");
+  buttons.className = "buttons";
+  buttons.append(ok, cancel);
+  form.append(area, buttons);
+  bubble.replaceWith(form);
+  bar.hidden = true;
+  area.focus();
+  cancel.addEventListener("click", renderLog);
+  form.addEventListener("keydown", (ev) => { if (ev.key === "Escape") { ev.preventDefault(); renderLog(); } });
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = area.value.trim();
+    if (!text || controller) return;
+    conv.messages = conv.messages.slice(0, i);
+    conv.messages.push({ role: "user", content: text });
+    if (i === 0 && !conv.named) conv.title = titleFrom(text);
+    save(conv);
+    $("convtitle").value = conv.title;
+    renderLog(); renderList();
+    generate();
+  });
 }
 
 // ---------------------------------------------------------------- chat
 class ReplyError extends Error {}
 
-// Reads OpenAI chat chunks as server-sent events, calling onText with each piece of content.
-async function readStream(resp, onText) {
+// Reads OpenAI chat chunks as server-sent events, calling onChunk with each parsed chunk.
+async function readStream(resp, onChunk) {
   const reader = resp.body.getReader();
   const decoder = new TextDecoder("utf-8");
   let buf = "";
@@ -166,8 +423,7 @@ async function readStream(resp, onText) {
       const detail = typeof msg.error.message === "string" ? msg.error.message : "unknown error";
       throw new ReplyError("回复中断 The reply was cut off: " + detail + ". Try again.");
     }
-    const delta = msg && msg.choices && msg.choices[0] && msg.choices[0].delta;
-    if (delta && typeof delta.content === "string" && delta.content) onText(delta.content);
+    if (msg && typeof msg === "object") onChunk(msg);
   };
   for (;;) {
     const { value, done } = await reader.read();
@@ -182,59 +438,134 @@ async function readStream(resp, onText) {
   if (buf.trim()) handle(buf);
 }
 
+// Streamed tool calls arrive in pieces keyed by index: the first names the call, later ones add
+// to its arguments.
+function mergeToolCalls(calls, deltas) {
+  deltas.forEach((d) => {
+    const i = typeof d.index === "number" ? d.index : calls.length;
+    const call = calls[i] || (calls[i] = { id: "", type: "function", function: { name: "", arguments: "" } });
+    if (d.id) call.id = d.id;
+    if (d.function) {
+      if (d.function.name) call.function.name += d.function.name;
+      if (typeof d.function.arguments === "string") call.function.arguments += d.function.arguments;
+    }
+  });
+}
+
 function setBusy(busy) {
   $("send").disabled = busy; $("stop").disabled = !busy;
   if (busy) $("log").setAttribute("aria-busy", "true"); else $("log").removeAttribute("aria-busy");
 }
 
-async function sendChat(prompt) {
-  const mine = conversation;
+// The request for the conversation so far: its system prompt and settings, and the messages
+// (an answer that never came is left out).
+function chatRequest(c) {
+  const messages = [];
+  if (c.settings.system) messages.push({ role: "system", content: c.settings.system });
+  c.messages.forEach((m) => { if (m.content) messages.push({ role: m.role, content: m.content }); });
+  const body = { messages, stream: true, stream_options: { include_usage: true } };
+  for (const key of ["temperature", "top_p", "max_tokens"]) if (c.settings[key] !== undefined) body[key] = c.settings[key];
+  return body;
+}
+
+// Streams the answer to the conversation's last message into a new assistant message.
+async function generate() {
+  const c = conv;
   const ctl = new AbortController();
   controller = ctl;
   $("chaterror").textContent = "";
-  const history = turns.slice();
-  addMessage("user", prompt);
-  const bubble = addMessage("assistant", "…");
+  const body = chatRequest(c);
+  const m = { role: "assistant", content: "" };
+  const [bubble, bar] = messageView({ role: "assistant", content: "" }, c.messages.length);
+  bubble.textContent = "…";
+  delete bubble.dataset.done;
   bubble.classList.add("streaming");
-  let text = "";
+  $("log").append(bubble, bar);
+  markLast();
+  scrollDown(true);
   setBusy(true);
-  const keep = () => {
-    if (mine === conversation && text) turns.push({ role: "user", content: prompt }, { role: "assistant", content: text });
+  const t0 = performance.now();
+  let tFirst = null, tLast = null, pieces = 0, usage = null, frame = 0;
+  const calls = [];
+  const paint = () => {
+    frame = 0;
+    const stick = nearBottom();
+    fillAssistant(bubble, { content: m.content, tool_calls: calls });
+    scrollDown(stick);
   };
   try {
-    const resp = await fetch("/api/chat", {
+    const resp = await fetch("/v1/chat/completions", {
       method: "POST", signal: ctl.signal,
       headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify({ prompt, history, stream: true }),
+      body: JSON.stringify(body),
     });
     if (!resp.ok) throw await errorFrom(resp);
-    await readStream(resp, (piece) => {
-      const stick = nearBottom();
-      text += piece;
-      renderMarkdown(bubble, text);
-      scrollDown(stick);
+    await readStream(resp, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (!delta) return;
+      const text = typeof delta.content === "string" ? delta.content : "";
+      const toolDeltas = Array.isArray(delta.tool_calls) ? delta.tool_calls : [];
+      if (!text && !toolDeltas.length) return;
+      tLast = performance.now();
+      if (tFirst === null) tFirst = tLast;
+      pieces += 1;
+      m.content += text;
+      mergeToolCalls(calls, toolDeltas);
+      // Re-rendering Markdown and math is the costly part: at most once a frame.
+      if (!frame) frame = requestAnimationFrame(paint);
     });
-    keep();
-    if (!text) { bubble.textContent = "（空回复 The model returned an empty reply.）"; bubble.classList.add("empty"); }
+    if (!m.content && !calls.length) m.note = "empty";
   } catch (e) {
     if (e.name === "AbortError") {
-      keep();
-      renderMarkdown(bubble, text);
-      note(bubble, (text ? " " : "") + "[stopped]");
+      m.note = "stopped";
     } else {
-      keep();
-      if (!text) bubble.remove(); else note(bubble, " [interrupted]");
-      if (mine === conversation) {
+      if (m.content || calls.length) m.note = "interrupted";
+      if (c === conv) {
         $("chaterror").textContent = e instanceof ReplyError ? e.message
-          : e instanceof TypeError ? (text ? "连接中断 The connection broke while the reply was arriving. Try again." : humanError(0))
+          : e instanceof TypeError ? (m.content ? "连接中断 The connection broke while the reply was arriving. Try again." : humanError(0))
           : e.message;
       }
     }
   } finally {
-    bubble.classList.remove("streaming");
-    bubble.dataset.done = "true";
-    if (controller === ctl) { controller = null; setBusy(false); }
+    if (frame) cancelAnimationFrame(frame);
+    if (calls.length) m.tool_calls = calls;
+    if (tFirst !== null) {
+      const tokens = usage && usage.completion_tokens ? usage.completion_tokens : pieces;
+      m.stats = { ttft_ms: Math.round(tFirst - t0), tokens, approx: !(usage && usage.completion_tokens) };
+      // Decoding speed: the tokens after the first over the time they took (not shown when they
+      // all came at once, as from a proxy that buffers: that would be no measurement).
+      if (tokens > 1 && tLast - tFirst >= 50) m.stats.tps = (tokens - 1) / ((tLast - tFirst) / 1000);
+    }
+    // A reply stopped before its first word stays, marked, so the stop is visible in the log.
+    const kept = m.content || calls.length || m.note === "empty" || m.note === "stopped";
+    if (kept) c.messages.push(m);
+    save(c);
+    if (controller === ctl) controller = null;
+    if (c === conv) {
+      setBusy(controller !== null);
+      if (kept) {
+        bubble.classList.remove("streaming");
+        fillAssistant(bubble, m);
+        if (m.stats) bar.appendChild(span("stats", statsText(m.stats)));
+        bubble.dataset.done = "true";
+      } else {
+        bubble.remove(); bar.remove();
+      }
+      markLast();
+      renderList();
+    }
   }
+}
+
+function sendChat(prompt) {
+  if (!conv.messages.length && !conv.named) conv.title = titleFrom(prompt);
+  conv.messages.push({ role: "user", content: prompt });
+  save(conv);
+  $("convtitle").value = conv.title;
+  $("log").append(...messageView(conv.messages[conv.messages.length - 1], conv.messages.length - 1));
+  renderList();
+  generate();
 }
 
 $("chatform").addEventListener("submit", (ev) => {
@@ -252,12 +583,90 @@ $("prompt").addEventListener("keydown", (ev) => {
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
 $("newchat").addEventListener("click", () => {
-  conversation += 1;
-  if (controller) { controller.abort(); controller = null; }
-  setBusy(false);
-  turns = []; $("log").textContent = ""; $("chaterror").textContent = "";
+  openConversation(null);
   $("prompt").focus();
 });
+
+// Rename: the title field saves as it is left (or on Enter).
+$("convtitle").addEventListener("change", () => {
+  const t = $("convtitle").value.trim();
+  conv.title = t ? t.slice(0, 100) : titleFrom((conv.messages[0] || { content: "" }).content);
+  conv.named = Boolean(t);
+  $("convtitle").value = conv.title;
+  save(conv);
+  renderList();
+});
+$("convtitle").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); $("convtitle").blur(); } });
+
+// Delete asks twice (a second click within the same focus), since there is no undo.
+$("delconv").addEventListener("click", () => {
+  const b = $("delconv");
+  if (!b.classList.contains("confirm")) {
+    b.classList.add("confirm"); b.textContent = "确认删除? Confirm delete";
+    return;
+  }
+  b.classList.remove("confirm"); b.textContent = "删除 Delete";
+  stopStreaming();
+  localStorage.removeItem(CONV + conv.id);
+  const rest = allConversations();
+  openConversation(rest.length ? rest[0].id : null);
+});
+$("delconv").addEventListener("blur", () => { $("delconv").classList.remove("confirm"); $("delconv").textContent = "删除 Delete"; });
+
+// Settings: empty means the server's default; a value out of range is refused where it is typed.
+SETTINGS.forEach(([key, id]) => $(id).addEventListener("change", () => {
+  const el = $(id);
+  const raw = el.value.trim();
+  if (!raw) delete conv.settings[key];
+  else if (key === "system") conv.settings.system = el.value;
+  else if (el.checkValidity()) conv.settings[key] = key === "max_tokens" ? parseInt(raw, 10) : parseFloat(raw);
+  else { el.reportValidity(); return; }
+  $("settings").classList.toggle("set", Object.keys(conv.settings).length > 0);
+  save(conv);
+  renderList();
+}));
+
+// ---------------------------------------------------------------- export
+function download(name, type, text) {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const a = document.createElement("a");
+  a.href = url; a.download = name;
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+function fileName(c, ext) {
+  return (c.title.replace(/[\\/:*?"<>|\s]+/g, "_").slice(0, 60) || "conversation") + "." + ext;
+}
+
+$("exportjson").addEventListener("click", () => {
+  const { title, created, updated, settings, messages } = conv;
+  download(fileName(conv, "json"), "application/json",
+           JSON.stringify({ title, created: new Date(created).toISOString(), updated: new Date(updated).toISOString(),
+                            settings, messages }, null, 2));
+});
+$("exportmd").addEventListener("click", () => {
+  const out = ["# " + conv.title, ""];
+  if (conv.settings.system) out.push("**系统 System:** " + conv.settings.system, "");
+  conv.messages.forEach((m) => {
+    out.push(m.role === "user" ? "## 用户 User" : "## 助手 Assistant", "", m.content || "");
+    (m.tool_calls || []).forEach((t) => out.push("", "```json", "// tool call: " + t.function.name, t.function.arguments, "```"));
+    out.push("");
+  });
+  download(fileName(conv, "md"), "text/markdown", out.join("\n"));
+});
+
+// Another tab of this page changed the list: show it (the conversation on screen is reloaded only
+// when nothing is streaming into it).
+window.addEventListener("storage", (ev) => {
+  if (!ev.key || !ev.key.startsWith(CONV)) return;
+  if (conv && ev.key === CONV + conv.id && !controller) {
+    const fresh = loadConversation(conv.id);
+    if (fresh) { conv = fresh; $("convtitle").value = conv.title; renderLog(); }
+  }
+  renderList();
+});
+
 
 // ---------------------------------------------------------------- book rows
 function span(cls, text) {
@@ -425,6 +834,7 @@ $("searchform").addEventListener("submit", async (ev) => {
   const query = $("query").value.trim();
   if (!query || $("searchbtn").disabled) return;
   $("searcherror").textContent = ""; $("results").textContent = ""; $("searchmsg").textContent = "搜索中 Searching…";
+  $("searchwhy").hidden = true;
   $("searchbtn").disabled = true;
   const t0 = performance.now();
   try {
@@ -432,6 +842,12 @@ $("searchform").addEventListener("submit", async (ev) => {
     const ms = Math.round(performance.now() - t0);
     data.books.forEach((b) => $("results").appendChild(bookItem(b, false)));
     $("searchmsg").textContent = data.message + " · 用时 " + ms + " ms";
+    // Search answers only with books that exist, never the nearest one: say so, and what helps.
+    $("searchwhy").hidden = data.books.length > 0;
+    $("searchwhy").textContent = typeof data.reason === "string" && data.reason ? data.reason
+      : "目录里没有足够相关的书。搜索只回答目录中确实相关的书，不会拿最接近的凑数。可以换用书名里的词、作者名或主题再试，或在“书目”里浏览。"
+        + " No book in the catalogue is close enough to this request: search answers only with books that really match,"
+        + " never the nearest guess. Try words from a title, an author's name or a subject, or browse the catalogue.";
   } catch (e) {
     $("searchmsg").textContent = "";
     $("searcherror").textContent = e.message;
@@ -443,18 +859,54 @@ $("searchform").addEventListener("submit", async (ev) => {
 // ---------------------------------------------------------------- catalogue
 let catRequest = 0;
 
+// The filter reads the whole catalogue in pages of 1,000 (the list route has no search of its own)
+// up to FILTER_LIMIT books, enough for a library's shelf list; past that only those are filtered.
+const FILTER_LIMIT = 20000;
+let filterText = "";
+
+async function fetchPage(off, limit) {
+  return api("GET", "/api/books?offset=" + off + "&limit=" + limit);
+}
+
+// A book matches when every word of the filter is in its title, author, subjects, ISBN, year or #id.
+function matches(book, words) {
+  const hay = [book.title, book.author || "", (book.subjects || []).join(" "), book.isbn || "",
+               book.year === null || book.year === undefined ? "" : String(book.year), "#" + book.id].join(" ").toLowerCase();
+  return words.every((w) => hay.includes(w));
+}
+
+// The page of books at `offset` and the total: straight from the server, or filtered here.
+async function catalogueSlice() {
+  if (!filterText) {
+    const data = await fetchPage(offset, PAGE);
+    return { books: data.books, total: data.total, all: data.total, fetch: (off) => fetchPage(off, PAGE) };
+  }
+  let all = [], total = 0;
+  do {
+    const data = await fetchPage(all.length, 1000);
+    total = data.total;
+    all = all.concat(data.books);
+    if (!data.books.length) break;
+  } while (all.length < Math.min(total, FILTER_LIMIT));
+  const words = filterText.toLowerCase().split(/\s+/).filter(Boolean);
+  const hits = all.filter((b) => matches(b, words));
+  return { books: hits.slice(offset, offset + PAGE), total: hits.length, all: total, partial: total > all.length,
+           fetch: async (off) => ({ books: hits.slice(off, off + PAGE), total: hits.length }) };
+}
+
 // Shows the page at `offset`; {last: true} turns to the last page; `fresh` ids are highlighted.
 async function loadCatalogue(opts = {}) {
   const mine = ++catRequest;
   $("caterror").textContent = "";
   try {
-    let data = await api("GET", "/api/books?offset=" + offset + "&limit=" + PAGE);
-    const lastOffset = Math.max(0, Math.ceil(data.total / PAGE) - 1) * PAGE;
+    const slice = await catalogueSlice();
+    let data = slice;
+    const lastOffset = Math.max(0, Math.ceil(slice.total / PAGE) - 1) * PAGE;
     // past the end (the last book of the last page was deleted) or asked for the last page
     if ((opts.last && offset !== lastOffset) || (!data.books.length && offset > 0)) {
       offset = opts.last ? lastOffset : Math.min(offset - PAGE, lastOffset);
       offset = Math.max(0, offset);
-      data = await api("GET", "/api/books?offset=" + offset + "&limit=" + PAGE);
+      data = await slice.fetch(offset);
     }
     if (mine !== catRequest) return;
     const fresh = new Set(opts.fresh || []);
@@ -464,11 +916,14 @@ async function loadCatalogue(opts = {}) {
       if (fresh.has(b.id)) li.classList.add("new");
       $("catlist").appendChild(li);
     });
-    $("cattotal").textContent = "共 " + data.total + " 本 · " + data.total + " books";
-    const pages = Math.max(1, Math.ceil(data.total / PAGE));
+    $("cattotal").textContent = filterText
+      ? "筛选出 " + slice.total + " / " + slice.all + " 本 · " + slice.total + " of " + slice.all + " books match"
+        + (slice.partial ? " (the first " + FILTER_LIMIT + " searched)" : "")
+      : "共 " + data.total + " 本 · " + data.total + " books";
+    const pages = Math.max(1, Math.ceil(slice.total / PAGE));
     $("pageinfo").textContent = (Math.floor(offset / PAGE) + 1) + " / " + pages;
     $("prev").disabled = offset === 0;
-    $("next").disabled = offset + PAGE >= data.total;
+    $("next").disabled = offset + PAGE >= slice.total;
   } catch (e) {
     if (mine !== catRequest) return;
     $("catlist").textContent = "";
@@ -476,6 +931,20 @@ async function loadCatalogue(opts = {}) {
     $("caterror").textContent = e.message;
   }
 }
+
+// Typing filters after a short pause (one catalogue read per pause, not per key).
+let filterTimer = 0;
+$("catfilter").addEventListener("input", () => {
+  clearTimeout(filterTimer);
+  filterTimer = setTimeout(() => {
+    const text = $("catfilter").value.trim();
+    if (text === filterText) return;
+    filterText = text; offset = 0; $("catmsg").textContent = "";
+    loadCatalogue();
+  }, 250);
+});
+$("catfilter").addEventListener("keydown", (ev) => { if (ev.key === "Enter") ev.preventDefault(); });
+
 $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); $("catmsg").textContent = ""; loadCatalogue(); });
 $("next").addEventListener("click", () => { offset += PAGE; $("catmsg").textContent = ""; loadCatalogue(); });
 $("addform").addEventListener("submit", async (ev) => {
@@ -517,6 +986,29 @@ function importType(file) {
   return "";
 }
 
+// POSTs a file with upload progress (fetch reports none), answering like api(): the JSON body, or
+// an Error with a sentence.
+function upload(path, file, type, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    xhr.setRequestHeader("Content-Type", type);
+    const auth = authHeaders();
+    if (auth.Authorization) xhr.setRequestHeader("Authorization", auth.Authorization);
+    xhr.upload.addEventListener("progress", (ev) => { if (ev.lengthComputable) onProgress(ev.loaded / ev.total); });
+    xhr.upload.addEventListener("load", () => onProgress(1));
+    xhr.addEventListener("error", () => reject(new Error(humanError(0))));
+    xhr.addEventListener("load", () => {
+      let data = null;
+      try { data = JSON.parse(xhr.responseText); } catch (e) { data = null; }
+      if (xhr.status >= 200 && xhr.status < 300 && data) resolve(data);
+      else reject(new Error(humanError(xhr.status >= 200 && xhr.status < 300 ? 502 : xhr.status, data,
+                                       xhr.getResponseHeader("Retry-After"))));
+    });
+    xhr.send(file);
+  });
+}
+
 $("importfile").addEventListener("change", async () => {
   const input = $("importfile");
   const file = input.files && input.files[0];
@@ -532,7 +1024,12 @@ $("importfile").addEventListener("change", async () => {
   $("importbtn").classList.add("busy");
   $("importmsg").textContent = "导入中 Importing " + file.name + "…";
   try {
-    const r = await api("POST", "/api/books/import", undefined, { body: file, type });
+    const r = await upload("/api/books/import", file, type, (sent) => {
+      $("importprogress").hidden = false;
+      $("importprogress").value = sent;
+      $("importmsg").textContent = sent < 1 ? "上传中 Uploading " + file.name + "… " + Math.round(sent * 100) + "%"
+        : "导入中 Checking and importing " + file.name + "…";
+    });
     $("importmsg").textContent = "已导入 " + file.name + "：新增 " + r.added + " 本，已有 " + r.present + " 本 · "
       + r.added + " added, " + r.present + " already present (" + r.lines + " records).";
     // New books get the highest ids: show the last page, where they landed.
@@ -541,8 +1038,12 @@ $("importfile").addEventListener("change", async () => {
     $("importmsg").textContent = "";
     $("importerror").textContent = e.message;
   } finally {
+    $("importprogress").hidden = true;
     input.value = "";  // choosing the same file again imports it again
     input.disabled = false;
     $("importbtn").classList.remove("busy");
   }
 });
+
+// The conversation on screen when the page was left (or a new one).
+openConversation(localStorage.getItem(CURRENT));

@@ -25,6 +25,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SEED_TITLES = load_seed_titles()
 REPLY = ".msg.assistant"
+CHAT = "/v1/chat/completions"  # what the page streams from
 DONE_REPLY = '.msg.assistant[data-done="true"]'
 
 expect.set_options(timeout=30_000)
@@ -45,8 +46,9 @@ def browser():
 
 @pytest.fixture
 def new_page(browser):
-    """Opens pages in fresh contexts (own localStorage); fails the test on any uncaught page error."""
-    contexts, errors = [], []
+    """Opens pages in fresh contexts (own localStorage); fails the test on any uncaught page error,
+    and on any request that leaves the page's origin (the page vendors its libraries: no CDN)."""
+    contexts, errors, foreign = [], [], []
 
     def open_page(url: str, **context_options):
         context = browser.new_context(**context_options)
@@ -54,6 +56,9 @@ def new_page(browser):
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        origin = re.match(r"https?://[^/]+", url).group(0)
+        page.on("request", lambda r: None if r.url.startswith((origin + "/", "data:", "blob:"))
+                else foreign.append(r.url))
         # The page runs under a strict Content-Security-Policy: anything it blocks is a defect.
         page.on("console", lambda msg: errors.append(msg.text)
                 if msg.type == "error" and "Content Security Policy" in msg.text else None)
@@ -65,6 +70,7 @@ def new_page(browser):
     for context in contexts:
         context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+    assert not foreign, f"requests that left the page's origin: {foreign}"
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +121,21 @@ def test_chat_streams_replies_and_new_conversation(gateway, new_page, shots):
     expect(page.locator("#send")).to_be_enabled()
     expect(page.locator("#prompt")).to_have_value("")
 
-    # a second turn with the send button; the history goes along
+    # the real server's usage chunk gives the answer's token count, speed and time to first token
+    expect(page.locator(".msgbar.for-assistant .stats").first).to_contain_text("TTFT")
+    expect(page.locator(".msgbar.for-assistant .stats").first).to_contain_text("tokens")
+    assert "≈" not in page.locator(".msgbar.for-assistant .stats").first.inner_text()
+
+    # a second turn with the send button; the conversation so far goes along
     requests_seen: list[dict] = []
-    page.on("request", lambda r: requests_seen.append(r.post_data_json) if r.url.endswith("/api/chat") else None)
+    page.on("request", lambda r: requests_seen.append(r.post_data_json) if r.url.endswith(CHAT) else None)
     send(page, "And of Italy?", enter=False)
     expect(page.locator(DONE_REPLY)).to_have_count(2)
     assert page.locator(REPLY).nth(1).inner_text().strip()
     assert requests_seen and requests_seen[-1]["stream"] is True
-    assert [m["role"] for m in requests_seen[-1]["history"]] == ["user", "assistant"]
-    assert requests_seen[-1]["history"][1]["content"].strip()
+    assert requests_seen[-1]["stream_options"] == {"include_usage": True}
+    assert [m["role"] for m in requests_seen[-1]["messages"]] == ["user", "assistant", "user"]
+    assert requests_seen[-1]["messages"][1]["content"].strip()
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
     # Shift+Enter is a new line, not a send
@@ -137,9 +149,9 @@ def test_chat_streams_replies_and_new_conversation(gateway, new_page, shots):
     page.locator("#newchat").click()
     expect(page.locator(".msg")).to_have_count(0)
     page.locator("#prompt").fill("Hi")
-    with page.expect_request("**/api/chat") as req:
+    with page.expect_request("**" + CHAT) as req:
         page.locator("#prompt").press("Enter")
-    assert req.value.post_data_json["history"] == []
+    assert req.value.post_data_json["messages"] == [{"role": "user", "content": "Hi"}]
     expect(page.locator(DONE_REPLY)).to_have_count(1)
 
 
@@ -177,10 +189,10 @@ def test_stop_a_long_reply(kernel, tmp_path, serve, new_page, shots):
         assert time.monotonic() < deadline, f"generation still running after stop: {detail}"
         time.sleep(0.2)
     # the conversation goes on after a stop
-    with page.expect_request("**/api/chat") as req:
+    with page.expect_request("**" + CHAT) as req:
         send(page, "Thanks.")
-    history = req.value.post_data_json["history"]
-    assert [m["role"] for m in history] == ["user", "assistant"] and "dragon" in history[0]["content"]
+    history = req.value.post_data_json["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"] and "dragon" in history[0]["content"]
     page.locator("#stop").click()
     expect(page.locator(DONE_REPLY)).to_have_count(2)
 
@@ -546,9 +558,10 @@ def test_model_output_renders_as_text(gateway, new_page, shots):
     page = new_page(gateway.url)
     # What is under test is the page's rendering of whatever the model says, so the reply is canned.
     body = canned_sse("Look: <img src=x onerr", "or=\"window.__pwned=1\"> and <script>window.__pwned=2</script> ",
-                      "```html\n<b>bold</b>\n<img src=y onerror=\"window.__pwned=3\">\n```",
+                      # A fence opens a line (CommonMark); the old page's splitter also took mid-line ones.
+                      "\n```html\n<b>bold</b>\n<img src=y onerror=\"window.__pwned=3\">\n```\n",
                       " inline `<i>x</i>` and a lone ` backtick")
-    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.route("**" + CHAT, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
     send(page, 'my own <img src=z onerror="window.__pwned=4">')
     bubble = page.locator(DONE_REPLY)
     expect(bubble).to_have_count(1)
@@ -560,24 +573,24 @@ def test_model_output_renders_as_text(gateway, new_page, shots):
     assert '<img src=x onerror="window.__pwned=1">' in text and "<script>window.__pwned=2</script>" in text
     expect(bubble.locator("pre")).to_have_count(1)
     expect(bubble.locator("pre")).to_have_text('<b>bold</b>\n<img src=y onerror="window.__pwned=3">\n')
-    expect(bubble.locator("code")).to_have_text("<i>x</i>")
+    expect(bubble.locator(":not(pre) > code")).to_have_text("<i>x</i>")
     assert "a lone ` backtick" in text
     expect(page.locator(".msg.user")).to_have_text('my own <img src=z onerror="window.__pwned=4">')
     page.screenshot(path=str(shots / "untrusted-output.png"))
 
     # a failure after the stream started, and a 429, are sentences too
-    page.unroute("**/api/chat")
+    page.unroute("**" + CHAT)
     broken = canned_sse("Half a rep", tail=[{"error": {"message": "the model server stopped answering",
                                                         "type": "service_unavailable"}}])
-    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=broken))
+    page.route("**" + CHAT, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=broken))
     send(page, "go on")
     expect(page.locator(DONE_REPLY)).to_have_count(2)
     expect(page.locator(REPLY).last).to_contain_text("Half a rep")
     expect(page.locator("#chaterror")).not_to_have_text("")
     assert_human(page.locator("#chaterror").inner_text())
 
-    page.unroute("**/api/chat")
-    page.route("**/api/chat", lambda route: route.fulfill(
+    page.unroute("**" + CHAT)
+    page.route("**" + CHAT, lambda route: route.fulfill(
         status=429, content_type="application/json", headers={"Retry-After": "7"},
         body=json.dumps({"error": {"message": "rate limit exceeded: 3 per 1 minute", "type": "rate_limited"}})))
     send(page, "again")
@@ -589,7 +602,7 @@ def test_phone_width(gateway, new_page, shots):
     page = new_page(gateway.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     long_line = "x" * 300
     body = canned_sse(f"A long unbroken word {long_line} and code:\n```\n{long_line}\n```")
-    page.route("**/api/chat", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.route("**" + CHAT, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
     send(page, "https://example.com/" + "a" * 200, enter=False)
     expect(page.locator(DONE_REPLY)).to_have_count(1)
 
@@ -622,3 +635,216 @@ def test_phone_width(gateway, new_page, shots):
     page.screenshot(path=str(shots / "phone-catalogue-edit.png"))
     row.get_by_role("button", name="取消 Cancel").click()
     expect(row.locator("form")).to_have_count(0)
+
+
+# ---------------------------------------------------------------- conversations, rendering (issue 14)
+
+
+def canned_chat(page) -> list[dict]:
+    """Answers every chat request of `page` with a canned stream (the real rendering, no model):
+    "answer to: <last message>", then a usage chunk. Returns the request bodies seen."""
+    seen: list[dict] = []
+
+    def handle(route):
+        body = route.request.post_data_json
+        seen.append(body)
+        usage = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}}
+        route.fulfill(status=200, content_type="text/event-stream",
+                      body=canned_sse("answer to: ", body["messages"][-1]["content"],
+                                      tail=[{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, usage]))
+
+    page.route("**" + CHAT, handle)
+    return seen
+
+
+def user_texts(page) -> list[str]:
+    return page.locator(".msg.user").all_inner_texts()
+
+
+def test_conversations_kept_switched_and_exported(gateway, new_page, shots, tmp_path):
+    page = new_page(gateway.url)
+    seen = canned_chat(page)
+    send(page, "第一个问题 about apples")
+    expect(page.locator(DONE_REPLY)).to_have_text(["answer to: 第一个问题 about apples"])
+    expect(page.locator(".msgbar.for-assistant .stats")).to_contain_text("TTFT")
+    expect(page.locator(".msgbar.for-assistant .stats")).to_contain_text("5 tokens")  # from the usage chunk
+
+    # settings belong to the conversation and go with its requests
+    page.locator("#settings summary").click()
+    page.locator("#sys").fill("Be brief.")
+    page.locator("#temperature").fill("0.2")
+    page.locator("#max_tokens").fill("64")
+    page.locator("#max_tokens").press("Tab")
+    send(page, "second in A")
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
+    assert seen[-1]["messages"] == [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "第一个问题 about apples"},
+                                    {"role": "assistant", "content": "answer to: 第一个问题 about apples"},
+                                    {"role": "user", "content": "second in A"}]
+    assert seen[-1]["temperature"] == 0.2 and seen[-1]["max_tokens"] == 64 and "top_p" not in seen[-1]
+
+    # a second conversation starts empty, with default settings
+    page.locator("#newchat").click()
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#sys")).to_have_value("")
+    send(page, "B question")
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+    assert seen[-1]["messages"] == [{"role": "user", "content": "B question"}] and "temperature" not in seen[-1]
+    expect(page.locator("#convlist button.conv")).to_have_text(["B question", "第一个问题 about apples"])
+
+    # a reload keeps both, and shows the one that was open
+    page.reload()
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+    assert user_texts(page) == ["B question"]
+    expect(page.locator("#convlist button.conv")).to_have_count(2)
+
+    # switching brings back the other one's messages and settings
+    page.locator("#convlist button.conv", has_text="第一个问题").click()
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
+    assert user_texts(page) == ["第一个问题 about apples", "second in A"]
+    expect(page.locator("#sys")).to_have_value("Be brief.")
+    expect(page.locator("#temperature")).to_have_value("0.2")
+    expect(page.locator('#convlist button.conv[aria-current="true"]')).to_have_text("第一个问题 about apples")
+
+    # rename
+    page.locator("#convtitle").fill("苹果 Apples")
+    page.locator("#convtitle").press("Enter")
+    expect(page.locator('#convlist button.conv[aria-current="true"]')).to_have_text("苹果 Apples")
+
+    # regenerate the last answer: the same conversation is asked again
+    with page.expect_request("**" + CHAT) as req:
+        page.locator(".regen").click()
+    assert req.value.post_data_json["messages"][-1] == {"role": "user", "content": "second in A"}
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
+
+    # edit the first message and resend: what came after it is gone
+    page.get_by_role("button", name="Edit message 1").click()
+    page.locator("form.msgedit textarea").fill("edited first")
+    with page.expect_request("**" + CHAT) as req:
+        page.get_by_role("button", name="保存并重发 Save & resend").click()
+    assert req.value.post_data_json["messages"] == [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "edited first"}]
+    expect(page.locator(DONE_REPLY)).to_have_text(["answer to: edited first"])
+    assert user_texts(page) == ["edited first"]
+    page.screenshot(path=str(shots / "conversations.png"), full_page=True)
+
+    # export as JSON and as Markdown
+    with page.expect_download() as dl:
+        page.locator("#exportjson").click()
+    exported = json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
+    assert dl.value.suggested_filename == "苹果_Apples.json"
+    assert exported["title"] == "苹果 Apples" and exported["settings"]["system"] == "Be brief."
+    assert [(m["role"], m["content"]) for m in exported["messages"]] == [("user", "edited first"),
+                                                                         ("assistant", "answer to: edited first")]
+    with page.expect_download() as dl:
+        page.locator("#exportmd").click()
+    markdown = Path(dl.value.path()).read_text(encoding="utf-8")
+    assert markdown.startswith("# 苹果 Apples\n") and "## 用户 User\n\nedited first" in markdown
+
+    # delete asks for a second click; the other conversation is shown, and stays after a reload
+    page.locator("#delconv").click()
+    expect(page.locator("#convlist button.conv")).to_have_count(2)
+    page.locator("#delconv").click()
+    expect(page.locator("#convlist button.conv")).to_have_text(["B question"])
+    assert user_texts(page) == ["B question"]
+    page.reload()
+    expect(page.locator("#convlist button.conv")).to_have_text(["B question"])
+    expect(page.locator(DONE_REPLY)).to_have_count(1)
+
+
+def test_math_code_and_tool_calls_render(gateway, new_page, shots):
+    page = new_page(gateway.url, permissions=["clipboard-read", "clipboard-write"])
+    # Pieces split mid-formula and mid-fence, as a stream arrives; GLM-4 writes \( \) and \[ \].
+    pieces = ["Inline \\( f(x) = x^", "2 \\) and $e^{i\\pi}+1=0$, costs $5 and $10.\n\n",
+              "$$\\int_0^1 x\\,dx = \\frac{1}{2}$$\n\n\\[ \\sum_{n=1}^\\infty \\frac{1}{n^2} = \\frac{\\pi^2}{6} \\]\n\n",
+              "```python\ndef f(x):\n    return x ** 2  # sq", "uare\n```\n"]
+    tool = [{"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function",
+                 "function": {"name": "search_books", "arguments": '{"query": '}}]}}]},
+            {"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": '"<img src=x onerror=window.__pwned=5>"}'}}]}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    body = canned_sse(*pieces, tail=tool)
+    page.route("**" + CHAT, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    send(page, "Show me some maths")
+    bubble = page.locator(DONE_REPLY)
+    expect(bubble).to_have_count(1)
+
+    # KaTeX: two inline and two display formulas; dollar amounts stay text
+    expect(bubble.locator(".katex")).to_have_count(4)
+    expect(bubble.locator(".katex-display")).to_have_count(2)
+    expect(bubble.locator(".katex annotation").first).to_have_text("f(x) = x^2")
+    assert "costs $5 and $10." in bubble.inner_text()
+    # its sizes are set through element.style, which the policy allows (no violation was logged),
+    # and its fonts come from this origin
+    assert page.evaluate("document.querySelectorAll('.katex-html [style]').length") > 0
+    assert "KaTeX_Main" in page.evaluate("getComputedStyle(document.querySelector('.katex')).fontFamily")
+
+    # highlight.js marks the Python block; the copy button copies its code
+    code = bubble.locator("pre code.hljs.language-python")
+    expect(code.locator(".hljs-keyword").first).to_have_text("def")
+    expect(code.locator(".hljs-comment")).to_have_text("# square")
+    bubble.locator("button.copy").click()
+    expect(bubble.locator("button.copy")).to_have_text("已复制 Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "def f(x):\n    return x ** 2  # square"
+
+    # the tool call: a collapsed block, its arguments as text
+    call = bubble.locator("details.toolcall")
+    expect(call.locator("summary")).to_have_text("工具调用 Tool call: search_books")
+    expect(call.locator("pre")).to_be_hidden()
+    call.locator("summary").click()
+    expect(call.locator("pre")).to_have_text('{\n  "query": "<img src=x onerror=window.__pwned=5>"\n}')
+    expect(page.locator("#log img")).to_have_count(0)
+    assert page.evaluate("window.__pwned") is None
+    page.screenshot(path=str(shots / "math-code-tools.png"), full_page=True)
+
+    # rendered again from storage after a reload, the same
+    page.reload()
+    expect(page.locator(DONE_REPLY).locator(".katex")).to_have_count(4)
+    expect(page.locator(DONE_REPLY).locator(".hljs-keyword").first).to_have_text("def")
+
+
+def test_imported_book_is_found_and_markup_in_a_title_is_text(model_server, tmp_path, serve, new_page, shots):
+    # Retrieval's candidates are the answer (no model choice), so the imported book is what is found.
+    gw = serve.gateway(model_server.url, sqlite_url(tmp_path), search_model_choice="off")
+    page = new_page(gw.url)
+    tab(page, "catalogue")
+    expect(page.locator("#cattotal")).to_contain_text("25")
+    title = '量子计算导论 <img src=x onerror="window.__pwned=6">'
+    csv = ("title,author,subjects,year,isbn,description\n"
+           '"量子计算导论 <img src=x onerror=""window.__pwned=6"">",Michael Nielsen,量子计算;物理,2010,,\n'
+           "导入测试：植物学,,生物,,,\n").encode("utf-8")
+    page.locator("#importfile").set_input_files(files=[{"name": "books.csv", "mimeType": "text/csv", "buffer": csv}])
+    expect(page.locator("#importmsg")).to_contain_text("新增 2 本")
+    expect(page.locator("#importprogress")).to_be_hidden()
+    row = page.locator("#catlist li", has_text="量子计算导论")
+    expect(row.locator(".title")).to_have_text(title)
+
+    # the filter narrows the list to matching books (title, author, subject …)
+    page.locator("#catfilter").fill("nielsen 物理")
+    expect(page.locator("#catlist li")).to_have_count(1)
+    expect(page.locator("#catlist li .title")).to_have_text(title)
+    expect(page.locator("#cattotal")).to_contain_text("1 of 27 books match")
+    page.screenshot(path=str(shots / "catalogue-filter.png"), full_page=True)
+    page.locator("#catfilter").fill("")
+    expect(page.locator("#catlist li")).to_have_count(20)
+
+    tab(page, "search")
+    page.locator("#query").fill("量子计算导论")
+    page.locator("#query").press("Enter")
+    expect(page.locator("#searchmsg")).to_have_text(re.compile(r"\d+ ms"))
+    hit = page.locator("#results li", has_text="量子计算导论")
+    expect(hit.locator(".title")).to_have_text(title)
+    expect(hit.locator(".author")).to_have_text("Michael Nielsen")
+    expect(hit.locator(".subjects .subject")).to_have_text(["量子计算", "物理"])
+    expect(page.locator("#searchwhy")).to_be_hidden()
+    expect(page.locator("img")).to_have_count(0)
+    assert page.evaluate("window.__pwned") is None
+
+    # nothing found: the page says why, and what to try
+    page.locator("#query").fill("有没有关于烹饪的书")
+    page.locator("#query").press("Enter")
+    expect(page.locator("#searchmsg")).to_contain_text("书籍不存在")
+    expect(page.locator("#searchwhy")).to_be_visible()
+    expect(page.locator("#searchwhy")).to_contain_text("never the nearest guess")
+    page.screenshot(path=str(shots / "search-none.png"), full_page=True)

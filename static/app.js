@@ -222,6 +222,7 @@ let controller = null;   // the AbortController of the reply being streamed, if 
 
 // Saves `c` (an empty, unnamed one is not worth a list entry); a full storage is said, not thrown.
 function save(c, touch = true) {
+  if (c.deleted) return;  // a reply stopped by the delete must not bring it back
   if (touch) c.updated = Date.now();
   if (!c.messages.length && !c.named && !Object.keys(c.settings).length) return;
   try {
@@ -606,6 +607,7 @@ $("delconv").addEventListener("click", () => {
     return;
   }
   b.classList.remove("confirm"); b.textContent = "删除 Delete";
+  conv.deleted = true;
   stopStreaming();
   localStorage.removeItem(CONV + conv.id);
   const rest = allConversations();

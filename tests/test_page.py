@@ -611,6 +611,14 @@ def test_phone_width(gateway, new_page, shots):
         assert width <= 390, f"{view}: horizontal scroll, content is {width}px wide"
 
     assert_fits("chat")
+    # the conversation list folds behind a button at this width
+    expect(page.locator("#convpane")).to_be_hidden()
+    page.locator("#convtoggle").click()
+    expect(page.locator("#convlist button.conv")).to_have_count(1)
+    assert_fits("chat, conversations open")
+    page.screenshot(path=str(shots / "phone-conversations.png"))
+    page.locator("#convlist button.conv").click()
+    expect(page.locator("#convpane")).to_be_hidden()
     boxes = []
     for button in ("#send", "#stop", "#newchat"):
         expect(page.locator(button)).to_be_in_viewport()

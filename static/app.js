@@ -145,9 +145,13 @@ const md = new marked.Marked({
   },
 });
 
-function renderMarkdown(el, text) {
+// `streaming`: the reply is still arriving and is rendered again each frame, so code without a
+// language is not auto-detected yet (that tries every language; once, at the end, is enough).
+function renderMarkdown(el, text, streaming) {
   const html = md.parse(text);
-  el.replaceChildren(DOMPurify.sanitize(html, { RETURN_DOM_FRAGMENT: true, FORBID_TAGS: ["style", "img", "form", "input"] }));
+  // target is kept for our own links (all rel=noopener; raw HTML never reaches this far as markup).
+  el.replaceChildren(DOMPurify.sanitize(html, { RETURN_DOM_FRAGMENT: true, ADD_ATTR: ["target"],
+                                                FORBID_TAGS: ["style", "img", "form", "input"] }));
   el.querySelectorAll(".math").forEach((m) => {
     try {
       katex.render(m.textContent, m, { displayMode: m.dataset.display === "1", throwOnError: false, trust: false, strict: "ignore" });
@@ -156,7 +160,7 @@ function renderMarkdown(el, text) {
   el.querySelectorAll("pre code").forEach((code) => {
     const lang = (code.className.match(/language-(\S+)/) || [])[1];
     if (lang && !hljs.getLanguage(lang)) return;  // unknown language: plain, no guessing
-    if (!lang && code.textContent.length > 20000) return;  // auto-detection is slow on huge blocks
+    if (!lang && (streaming || code.textContent.length > 20000)) return;  // auto-detection is slow
     hljs.highlightElement(code);
   });
 }
@@ -310,8 +314,8 @@ function toolCallsBlock(calls) {
 }
 
 // Fills an assistant bubble from its message.
-function fillAssistant(bubble, m) {
-  if (m.content) renderMarkdown(bubble, m.content); else bubble.textContent = "";
+function fillAssistant(bubble, m, streaming) {
+  if (m.content) renderMarkdown(bubble, m.content, streaming); else bubble.textContent = "";
   if (m.tool_calls && m.tool_calls.length) bubble.appendChild(toolCallsBlock(m.tool_calls));
   if (m.note === "empty") { bubble.textContent = "（空回复 The model returned an empty reply.）"; bubble.classList.add("empty"); }
   else if (m.note) note(bubble, (m.content ? " " : "") + "[" + m.note + "]");
@@ -491,7 +495,7 @@ async function generate() {
   const paint = () => {
     frame = 0;
     const stick = nearBottom();
-    fillAssistant(bubble, { content: m.content, tool_calls: calls });
+    fillAssistant(bubble, { content: m.content, tool_calls: calls }, true);
     scrollDown(stick);
   };
   try {

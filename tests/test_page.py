@@ -765,7 +765,10 @@ def test_math_code_and_tool_calls_render(gateway, new_page, shots):
     # Pieces split mid-formula and mid-fence, as a stream arrives; GLM-4 writes \( \) and \[ \].
     pieces = ["Inline \\( f(x) = x^", "2 \\) and $e^{i\\pi}+1=0$, costs $5 and $10.\n\n",
               "$$\\int_0^1 x\\,dx = \\frac{1}{2}$$\n\n\\[ \\sum_{n=1}^\\infty \\frac{1}{n^2} = \\frac{\\pi^2}{6} \\]\n\n",
-              "```python\ndef f(x):\n    return x ** 2  # sq", "uare\n```\n"]
+              "```python\ndef f(x):\n    return x ** 2  # sq", "uare\n```\n",
+              # links open apart from the page; other schemes and images (a request elsewhere) are text
+              "See [the docs](https://example.com/docs), [this](javascript:window.__pwned=7) and "
+              "![a chart](https://example.com/chart.png).\n"]
     tool = [{"choices": [{"index": 0, "delta": {"tool_calls": [
                 {"index": 0, "id": "call_1", "type": "function",
                  "function": {"name": "search_books", "arguments": '{"query": '}}]}}]},
@@ -803,6 +806,12 @@ def test_math_code_and_tool_calls_render(gateway, new_page, shots):
     call.locator("summary").click()
     expect(call.locator("pre")).to_have_text('{\n  "query": "<img src=x onerror=window.__pwned=5>"\n}')
     expect(page.locator("#log img")).to_have_count(0)
+    links = bubble.locator("a")
+    expect(links).to_have_count(1)
+    expect(links).to_have_attribute("href", "https://example.com/docs")
+    expect(links).to_have_attribute("target", "_blank")
+    expect(links).to_have_attribute("rel", "noopener noreferrer nofollow")
+    assert "this and ![a chart](https://example.com/chart.png)" in bubble.inner_text()
     assert page.evaluate("window.__pwned") is None
     page.screenshot(path=str(shots / "math-code-tools.png"), full_page=True)
 

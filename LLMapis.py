@@ -23,9 +23,10 @@ from chatglm4.engine.modelload import default_served_name
 from chatglm4.metrics import Metrics
 from chatglm4.prompts import TemplateError
 from chatglm4.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
-                               ModelCard, ModelList, Usage, completion_id, now)
+                               FunctionCall, ModelCard, ModelList, ToolCall, Usage, completion_id, now)
+from chatglm4.toolcalls import ToolCallParser, finish_reason, split_reply
 from chatglm4.wsgi import make_server
-from LLMkernel import Kernel, RequestTooLong, TaskNotFound
+from LLMkernel import Kernel, RequestTooLong, TaskNotFound, ToolsInvalid
 
 log = logging.getLogger("LLMapis")
 
@@ -58,7 +59,10 @@ def _misconfigured(exc: TemplateError) -> errors.APIError:
 # How the model server's own failures reach the caller: one table instead of a try block per route.
 ERRORS = {
     RequestTooLong: lambda exc: errors.BadRequest(str(exc), code="context_length_exceeded"),
-    SchemaError: lambda exc: errors.BadRequest(str(exc)),
+    # Which JSON schemas compile depends on the grammar engine, and tools' rules tie fields together:
+    # neither can be said by /openapi.json, so each has a code of its own.
+    SchemaError: lambda exc: errors.BadRequest(str(exc), code="invalid_json_schema"),
+    ToolsInvalid: lambda exc: errors.BadRequest(str(exc), code="invalid_tools"),
     TaskNotFound: lambda exc: errors.NotFound(str(exc)),
     EngineBusy: lambda exc: errors.Unavailable(str(exc), retry_after=1, code="queue_full"),
     EngineError: lambda exc: errors.APIError(str(exc)),
@@ -93,7 +97,9 @@ def create_app(state: ServerState) -> Flask:
     @app.post("/v1/chat/completions")
     def chat_completions():
         chat = errors.parse(ChatCompletionRequest, request)
-        stream = state.require_kernel().chat(chat)
+        kernel = state.require_kernel()
+        stream = kernel.chat(chat)
+        tools = kernel.tool_parser(chat)
         # waitress keeps reading the socket while we generate (channel_request_lookahead), so it can
         # tell us when the client has gone: its generation is then cancelled, streamed or not.
         stream.client_gone = request.environ.get("waitress.client_disconnected")
@@ -101,17 +107,16 @@ def create_app(state: ServerState) -> Flask:
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return Response(_cancel_on_close(stream, sse.chat_chunks(
-                stream, id=cid, created=created, model=state.model_name, include_usage=include_usage)),
-                mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+                stream, id=cid, created=created, model=state.model_name, include_usage=include_usage,
+                tools=tools)), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
         try:
             result = stream.collect()
         finally:
             stream.cancel()
         body = ChatCompletionResponse(id=cid, created=created, model=state.model_name,
                                       usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-                                      choices=[Choice(message=AssistantMessage(content=result.text),
-                                                      finish_reason=result.finish_reason)])
-        return jsonify(body.model_dump())
+                                      choices=[_choice(result.text, str(result.finish_reason), tools)])
+        return jsonify(body.model_dump(exclude_none=True))
 
     @app.get("/metrics")
     def prometheus():
@@ -140,6 +145,18 @@ def create_app(state: ServerState) -> Flask:
                                                    "waiting": stats.waiting, "running": stats.running}})
 
     return app
+
+
+def _choice(text: str, finish: str, tools: ToolCallParser | None) -> Choice:
+    """The reply as OpenAI's choice: its text, or its content and tool calls."""
+    if tools is None:
+        return Choice(message=AssistantMessage(content=text), finish_reason=finish)
+    content, calls = split_reply(text, tools.names, tools.dialect)
+    # A call cut off by max_tokens is left out: every call returned parses (finish_reason "length"
+    # says the reply was cut).
+    message = AssistantMessage(content=content.strip() or None, tool_calls=[
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls if c.closed] or None)
+    return Choice(message=message, finish_reason=finish_reason(finish, calls))
 
 
 def _cancel_on_close(stream: GenerationStream, frames: Iterator[bytes]) -> Iterator[bytes]:

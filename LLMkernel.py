@@ -12,11 +12,12 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from chatglm4 import book_task
+from chatglm4 import book_task, toolcalls
 from chatglm4.conversation import ContextOverflow, fit_conversation
 from chatglm4.engine import Engine, GenerationStream, SamplingParams
 from chatglm4.prompts import render
 from chatglm4.protocol import BookSearchTaskRequest, BookSearchTaskResponse, ChatCompletionRequest, Usage
+from chatglm4.toolcalls import ToolCallParser
 
 
 class TaskNotFound(LookupError):
@@ -25,6 +26,10 @@ class TaskNotFound(LookupError):
 
 class RequestTooLong(ValueError):
     """The prompt cannot fit the model's context."""
+
+
+class ToolsInvalid(ValueError):
+    """The request's tools contradict each other or its other fields."""
 
 
 @dataclass(frozen=True)
@@ -91,19 +96,44 @@ class Kernel:
     # ------------------------------------------------------------ chat
 
     def chat(self, request: ChatCompletionRequest) -> GenerationStream:
-        """Starts generating a reply; the oldest turns are dropped if the conversation is too long."""
+        """Starts generating a reply; the oldest turns are dropped if the conversation is too long.
+        With tools, read the reply through `tool_parser(request)`."""
+        problem = request.tool_problem()
+        if problem:
+            raise ToolsInvalid(problem)
         context = self.engine.context_length
         budget = completion_budget(request.requested_max_tokens(), self.default_max_tokens, context)
-        messages = [m.model_dump() for m in request.messages]
+        dialect = self.tool_dialect()
+        tools = request.tools if request.calls_tools() else None
+        # Earlier tool calls and results are rendered even when this request offers no tools.
+        messages = toolcalls.prompt_messages([m.model_dump(exclude_none=True) for m in request.messages],
+                                             tools, dialect)
+        listed = [t.model_dump(exclude_none=True) for t in tools] if tools and dialect.native else None
+
+        def encode(kept: list[dict]) -> list[int]:
+            return self.engine.encode_chat(toolcalls.with_tools(kept, listed), tools=listed)
+
         try:
-            _, prompt_ids = fit_conversation(messages, self.engine.encode_chat, context - budget)
+            _, prompt_ids = fit_conversation(messages, encode, context - budget)
         except ContextOverflow as exc:
             raise RequestTooLong(str(exc)) from None
         params = request.to_sampling_params(max_tokens=budget, default_temperature=self.default_temperature,
-                                            grammar=self._grammar(request))
+                                            grammar=self._grammar(request, dialect))
         return self.engine.generate(prompt_ids, params)
 
-    def _grammar(self, request: ChatCompletionRequest) -> Any:
+    def tool_dialect(self) -> toolcalls.Dialect:
+        return toolcalls.dialect_for(getattr(self.engine, "tool_dialect", None))
+
+    def tool_parser(self, request: ChatCompletionRequest) -> ToolCallParser | None:
+        """What splits this request's reply into content and tool calls (None: it offers no tools)."""
+        if not request.calls_tools():
+            return None
+        return ToolCallParser([t.function.name for t in request.tools], self.tool_dialect())
+
+    def _grammar(self, request: ChatCompletionRequest, dialect: toolcalls.Dialect) -> Any:
+        if request.calls_tools():
+            return self.engine.compile_structural_tag(toolcalls.structural_tag(
+                request.tools, request.tool_choice or "auto", request.parallel_tool_calls, dialect))
         fmt = request.response_format
         if fmt is None or fmt.type == "text":
             return None

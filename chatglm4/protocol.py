@@ -25,15 +25,89 @@ class TextPart(BaseModel):
 MAX_MESSAGES = 1000
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    # OpenAI clients may send content as a list of text parts; we join them.
-    content: str | list[TextPart]
+# OpenAI's rule for function names; it also keeps a name safe inside the grammars and prompts.
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
-    @field_validator("content")
+
+class FunctionCall(BaseModel):
+    name: FunctionName
+    # A JSON object as text, as OpenAI sends it.
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+Content = str | list[TextPart]
+
+
+class _Message(BaseModel):
+    @field_validator("content", check_fields=False)
     @classmethod
-    def _join_parts(cls, v: str | list[TextPart]) -> str:
-        return v if isinstance(v, str) else "".join(p.text for p in v)
+    def _join_parts(cls, v: Content | None) -> str | None:
+        # OpenAI clients may send content as a list of text parts; we join them.
+        return v if v is None or isinstance(v, str) else "".join(p.text for p in v)
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+    name: str | None = Field(default=None, max_length=64)
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+    name: str | None = Field(default=None, max_length=64)
+
+
+class AssistantTurn(_Message):
+    """An earlier assistant message: text, tool calls, or both (content is null beside calls)."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=64)
+
+
+class ToolMessage(_Message):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(max_length=128)
+
+
+# One shape per role, as OpenAI's reference declares them.
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionSpec(BaseModel):
+    name: FunctionName
+    description: str | None = Field(default=None, max_length=8192)
+    # The arguments' JSON schema (an object with no properties when absent, as OpenAI reads it).
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class JsonSchemaSpec(BaseModel):
@@ -85,6 +159,10 @@ class ChatCompletionRequest(BaseModel):
     # torch seeds generators with any 64-bit value, signed or not.
     seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1)
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, min_length=1, max_length=64)
+    # OpenAI's defaults: "auto" when tools are given, else "none".
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     # Accepted for compatibility with OpenAI clients; they do not change sampling here.
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -102,6 +180,25 @@ class ChatCompletionRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    def tool_problem(self) -> str | None:
+        """What is wrong with the request's tools, if anything. Checked by the model server (a 400
+        with code "invalid_tools"): these rules tie fields together, which the schema cannot say."""
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            return "tool function names must be distinct"
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            return "tool_choice needs tools"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return f"tool_choice names {choice.function.name!r}, which is not among the tools"
+        if self.response_format is not None and self.response_format.type != "text" and self.calls_tools():
+            return "use either tools or a JSON response_format, not both"
+        return None
+
+    def calls_tools(self) -> bool:
+        """Whether the reply may (or must) be a tool call."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -131,7 +228,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -149,9 +247,25 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: the first names the call (id, type, name), later ones add
+    to its arguments; `index` says which call of the reply it belongs to."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -171,6 +285,10 @@ class ChatCompletionChunk(BaseModel):
 
 def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
+
+
+def tool_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
 
 
 def now() -> int:

@@ -10,7 +10,8 @@ import logging
 from typing import Iterable, Iterator, Protocol
 
 from .errors import GenerationFailed, error_body
-from .protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, Usage
+from .protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, FunctionCallDelta, ToolCallDelta, Usage
+from .toolcalls import Event, ToolCallParser, finish_reason
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ def event(payload: dict) -> bytes:
 
 
 def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: str,
-                include_usage: bool) -> Iterator[bytes]:
-    """SSE frames for one streamed chat completion."""
+                include_usage: bool, tools: ToolCallParser | None = None) -> Iterator[bytes]:
+    """SSE frames for one streamed chat completion; with `tools`, calls the reply makes are sent
+    as OpenAI's `tool_calls` deltas (the name first, then the arguments as they are generated)."""
 
     def chunk(delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None,
               choices: bool = True) -> bytes:
@@ -42,7 +44,7 @@ def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: s
                                 choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
         payload = c.model_dump()
         for choice in payload["choices"]:  # OpenAI omits unset delta fields rather than sending nulls
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = delta.model_dump(exclude_none=True)
         return event(payload)
 
     yield chunk(DeltaMessage(role="assistant", content=""))
@@ -50,9 +52,18 @@ def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: s
     try:
         for piece in pieces:
             last = piece
-            if piece.text:
+            if not piece.text:
+                continue
+            if tools is None:
                 yield chunk(DeltaMessage(content=piece.text))
-        yield chunk(DeltaMessage(), finish=(last and last.finish_reason) or "stop")
+            else:
+                for delta in _deltas(tools.feed(piece.text)):
+                    yield chunk(delta)
+        if tools is not None:
+            for delta in _deltas(tools.finish()):
+                yield chunk(delta)
+        finish = str((last and last.finish_reason) or "stop")
+        yield chunk(DeltaMessage(), finish=finish_reason(finish, tools.calls if tools else []))
         if include_usage:
             usage = Usage.of(last.prompt_tokens, last.completion_tokens) if last else Usage.of(0, 0)
             yield chunk(DeltaMessage(), usage=usage, choices=False)
@@ -60,3 +71,15 @@ def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: s
         log.warning("stream failed after it started: %s", exc)
         yield event(error_body(f"generation failed: {exc}", "internal_error"))
     yield DONE
+
+
+def _deltas(events: list[Event]) -> Iterator[DeltaMessage]:
+    for e in events:
+        if e.call is None:
+            yield DeltaMessage(content=e.text)
+        elif e.starts:
+            yield DeltaMessage(tool_calls=[ToolCallDelta(index=e.call.index, id=e.call.id, type="function",
+                                                         function=FunctionCallDelta(name=e.call.name, arguments=""))])
+        else:
+            yield DeltaMessage(tool_calls=[ToolCallDelta(index=e.call.index,
+                                                         function=FunctionCallDelta(arguments=e.text))])

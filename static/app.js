@@ -315,8 +315,14 @@ function toolCallsBlock(calls) {
 
 // Fills an assistant bubble from its message.
 function fillAssistant(bubble, m, streaming) {
+  // A tool-call block opened while the reply streams stays open through the next re-render.
+  const open = Array.from(bubble.querySelectorAll("details.toolcall"), (d) => d.open);
   if (m.content) renderMarkdown(bubble, m.content, streaming); else bubble.textContent = "";
-  if (m.tool_calls && m.tool_calls.length) bubble.appendChild(toolCallsBlock(m.tool_calls));
+  if (m.tool_calls && m.tool_calls.length) {
+    const block = toolCallsBlock(m.tool_calls);
+    block.querySelectorAll("details.toolcall").forEach((d, i) => { d.open = Boolean(open[i]); });
+    bubble.appendChild(block);
+  }
   if (m.note === "empty") { bubble.textContent = "（空回复 The model returned an empty reply.）"; bubble.classList.add("empty"); }
   else if (m.note) note(bubble, (m.content ? " " : "") + "[" + m.note + "]");
 }

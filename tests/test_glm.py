@@ -201,3 +201,46 @@ def test_glm_reply_loses_its_leading_newline(forcing_engine, loaded):
         assert engine.generate(prompt, SamplingParams(max_tokens=4)).collect().text == "\n" * 4
     finally:
         engine.loaded.strip_leading_newline = False
+
+
+FORECAST = {"type": "function", "function": {
+    "name": "get_forecast", "description": "天气预报",
+    "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "tomorrow": {"type": "boolean"}},
+                   "required": ["unit", "tomorrow"], "additionalProperties": False}}}
+
+
+def test_glm4_tool_call_in_its_own_format_streamed_through_the_model_server(kernel, serve):
+    from openai import OpenAI
+
+    from chatglm4 import toolcalls
+
+    assert kernel.engine.tool_dialect == "glm4"
+    # GLM-4's template lists the tool in its system turn; a call and its result render as GLM-4's
+    # assistant-with-metadata and observation turns.
+    history = [{"role": "user", "content": "明天北京天气？"},
+               {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_forecast", "arguments": '{"unit":"c","tomorrow":true}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "晴，25度"}]
+    listed = [FORECAST]
+    ids = kernel.engine.encode_chat(toolcalls.with_tools(toolcalls.prompt_messages(history, None, toolcalls.GLM4),
+                                                         listed), tools=listed)
+    text = kernel.engine.tokenizer.decode(ids)
+    assert "# 可用工具" in text and "## get_forecast" in text and '"name": "get_forecast"' in text
+    assert text.endswith('<|assistant|>get_forecast\n{"unit":"c","tomorrow":true}<|observation|>\n晴，25度<|assistant|>')
+
+    # The random model can only write a call the grammar allows: a streamed call through the real
+    # model server, read with the OpenAI SDK.
+    server = serve.model_server(kernel, name="glm-4-tiny")
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model="glm-4-tiny", messages=history[:1], tools=listed, stream=True, max_tokens=160,
+        tool_choice={"type": "function", "function": {"name": "get_forecast"}})
+    name, arguments, finish = None, "", None
+    for chunk in stream:
+        for piece in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name = piece.function.name or name
+            arguments += piece.function.arguments or ""
+        finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+    assert (name, finish) == ("get_forecast", "tool_calls")
+    value = json.loads(arguments)
+    assert value["unit"] in ("c", "f") and isinstance(value["tomorrow"], bool) and len(value) == 2

@@ -17,10 +17,19 @@ SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eo
 # What GLM-4's generation_config.json lists as eos: the three end-of-turn tokens.
 EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
-# GLM-4's chat template without its tools branch: "[gMASK]<sop>" once, then "<|role|>\n" + content per
-# message, and "<|assistant|>" to ask for a reply (the model's reply then starts with "\n").
+# GLM-4's chat template (glm-4-9b-chat), with its function-tool branch and without the branches of
+# its built-in python/browser/cogview tools: "[gMASK]<sop>" once; a message carrying `tools` first
+# puts them in a system turn ("# 可用工具", one "## name" section each with the function as JSON);
+# then "<|role|>{metadata}\n" + content per message — an assistant tool call is role assistant with
+# the function's name as metadata and its arguments as content, a tool's result role observation —
+# and "<|assistant|>" to ask for a reply (a text reply then starts with "\n", a call with the name).
 CHAT_TEMPLATE = (
-    "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}"
+    "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n"
+    "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{% set tools = item['tools'] %}"
+    "{% for tool in tools %}{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}\n\n"
+    "{{ tool['function'] | tojson(indent=4) }}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+    "{% endif %}{% endfor %}{% endif %}{% if item['content'] %}"
     "<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

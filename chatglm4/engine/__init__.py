@@ -156,15 +156,21 @@ class Engine(Protocol):
     """What the kernel and the model server need from a generation engine."""
 
     context_length: int
+    # How the model writes tool calls natively ("glm4"), or None (chatglm4/toolcalls.py).
+    tool_dialect: str | None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template, ready for a reply."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template, ready for a reply;
+        `tools` are handed to a template that lists them itself."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         """Starts generating; EngineBusy when it cannot take the request now."""
 
     def compile_json_schema(self, schema: dict) -> Any:
         """A compiled grammar admitting only JSON that matches `schema`; SchemaError if it cannot."""
+
+    def compile_structural_tag(self, tag: dict) -> Any:
+        """A compiled grammar from an xgrammar structural tag (tool calls); SchemaError if it cannot."""
 
     def stats(self) -> EngineStats:
         """Current gauges and counters."""

@@ -36,16 +36,28 @@ class GrammarCache:
         self._lock = threading.Lock()
 
     def compile(self, schema: dict) -> Any:
-        key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+        # Compact JSON: no free whitespace for the model to wander into.
+        return self._compiled(("json_schema", schema),
+                              lambda key: self.compiler.compile_json_schema(key, any_whitespace=False),
+                              "cannot use this JSON schema")
+
+    def compile_structural_tag(self, tag: dict) -> Any:
+        """A grammar from an xgrammar structural tag: free text and tagged parts (tool calls), each
+        part's content held to its own JSON schema."""
+        return self._compiled(("structural_tag", tag), self.compiler.compile_structural_tag,
+                              "cannot use these tools' JSON schemas")
+
+    def _compiled(self, what: tuple[str, dict], compile_text: Any, failure: str) -> Any:
+        text = json.dumps(what[1], sort_keys=True, ensure_ascii=False)
+        key = what[0] + ":" + text
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         try:
-            # Compact JSON: no free whitespace for the model to wander into.
-            grammar = self.compiler.compile_json_schema(key, any_whitespace=False)
+            grammar = compile_text(text)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise SchemaError(f"cannot use this JSON schema: {exc}") from exc
+            raise SchemaError(f"{failure}: {exc}") from exc
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > self.size:

@@ -78,6 +78,8 @@ class LocalEngine:
         self.loaded = loaded
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
+        # GLM-4 ends a tool call's turn with <|observation|>, a token of its own vocabulary.
+        self.tool_dialect = "glm4" if "<|observation|>" in loaded.tokenizer.get_vocab() else None
         self.max_batch = max_batch
         self.prefill_token_budget = prefill_token_budget
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
@@ -98,14 +100,18 @@ class LocalEngine:
 
     # ------------------------------------------------------------ interface
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation rendered by the model's own chat template, ready for a reply."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def compile_json_schema(self, schema: dict) -> Any:
         """A compiled grammar that only admits JSON matching `schema` (cached by schema text)."""
         return self._grammars().compile(schema)
+
+    def compile_structural_tag(self, tag: dict) -> Any:
+        """A compiled grammar from an xgrammar structural tag (cached by its text)."""
+        return self._grammars().compile_structural_tag(tag)
 
     def _grammars(self) -> Any:
         with self._grammar_lock:

@@ -127,15 +127,21 @@ def author_pinyin(author: str | None) -> dict[str, str]:
     translation."""
     if not author or "·" in author:  # 乔治·B. 托马斯: a foreign name written in characters
         return {}
-    from pypinyin import lazy_pinyin
-
     out: dict[str, str] = {}
     for name in _AUTHOR_SEPARATORS.split(_AUTHOR_MARK.sub(" ", author)):
         if _HAN_NAME.fullmatch(name):
-            syllables = lazy_pinyin(name)
-            out["".join(syllables)] = name
-            out["".join(syllables[1:] + syllables[:1])] = name
+            for spelling in _name_pinyin(name):
+                out[spelling] = name
     return out
+
+
+@lru_cache(maxsize=65536)
+def _name_pinyin(name: str) -> tuple[str, str]:
+    # Cached: a catalogue names the same authors again and again, and pypinyin costs ~50 us a name.
+    from pypinyin import lazy_pinyin
+
+    syllables = lazy_pinyin(name)
+    return "".join(syllables), "".join(syllables[1:] + syllables[:1])
 
 
 def index_terms(book: Book) -> list[str]:

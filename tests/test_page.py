@@ -790,6 +790,8 @@ def test_math_code_and_tool_calls_render(gateway, new_page, shots):
     # and its fonts come from this origin
     assert page.evaluate("document.querySelectorAll('.katex-html [style]').length") > 0
     assert "KaTeX_Main" in page.evaluate("getComputedStyle(document.querySelector('.katex')).fontFamily")
+    assert page.evaluate("document.fonts.ready.then(() => Array.from(document.fonts).filter("
+                         "(f) => f.family.includes('KaTeX_Main') && f.status === 'loaded').length)") > 0
 
     # highlight.js marks the Python block; the copy button copies its code
     code = bubble.locator("pre code.hljs.language-python")

@@ -197,7 +197,25 @@ function scrollDown(force) {
 // message: {role, content, note?, stats?, tool_calls?}.
 const CONV = "chatglm4.conv.";
 const CURRENT = "chatglm4.current";
-const SETTINGS = [["system", "sys"], ["temperature", "temperature"], ["top_p", "top_p"], ["max_tokens", "max_tokens"]];
+const SETTINGS = [["system", "sys"], ["temperature", "temperature"], ["top_p", "top_p"], ["max_tokens", "max_tokens"],
+                  ["tools", "tools"], ["tool_choice", "tool_choice"]];
+
+// A setting as its field shows it.
+function settingText(key, value) {
+  if (value === undefined) return "";
+  return key === "tools" ? JSON.stringify(value, null, 2) : String(value);
+}
+
+// The tools field: an OpenAI `tools` array (functions with a name), or an Error saying what is wrong.
+function parseTools(text) {
+  let tools;
+  try { tools = JSON.parse(text); } catch (e) { return new Error("工具须为 JSON The tools must be JSON: " + e.message); }
+  if (!Array.isArray(tools) || !tools.length
+      || !tools.every((t) => t && t.type === "function" && t.function && typeof t.function.name === "string")) {
+    return new Error('工具格式 The tools must be a list like [{"type": "function", "function": {"name": "get_time", "parameters": {...}}}].');
+  }
+  return tools;
+}
 
 function newConversation() {
   const now = Date.now();
@@ -280,7 +298,8 @@ function openConversation(id) {
   localStorage.setItem(CURRENT, conv.id);
   $("chaterror").textContent = "";
   $("convtitle").value = conv.title;
-  SETTINGS.forEach(([key, el]) => { $(el).value = conv.settings[key] === undefined ? "" : String(conv.settings[key]); });
+  SETTINGS.forEach(([key, el]) => { $(el).value = settingText(key, conv.settings[key]); });
+  $("settingserror").textContent = "";
   $("settings").classList.toggle("set", Object.keys(conv.settings).length > 0);
   renderLog();
   renderList();
@@ -346,12 +365,51 @@ function messageView(m, i) {
     const edit = smallButton("editmsg", "编辑 Edit", "Edit message " + (i + 1));
     edit.addEventListener("click", () => editMessage(i, bubble, bar));
     bar.appendChild(edit);
+  } else if (m.role === "tool") {
+    bubble.append(span("toolname", "工具结果 Tool result · " + toolName(i, m.tool_call_id) + "\n"), m.content);
   } else {
     fillAssistant(bubble, m);
     bubble.dataset.done = "true";
     if (m.stats) bar.appendChild(span("stats", statsText(m.stats)));
   }
   return [bubble, bar];
+}
+
+// The function name of the call a tool result at `i` answers (from the assistant message before).
+function toolName(i, id) {
+  for (let j = i - 1; j >= 0; j--) {
+    const calls = conv.messages[j].tool_calls;
+    if (calls) { const call = calls.find((t) => t.id === id); return call ? call.function.name : "?"; }
+  }
+  return "?";
+}
+
+// Under a last answer that calls tools: one field per call for its result, sent back together.
+function toolResultsForm(m) {
+  const form = document.createElement("form");
+  form.className = "toolresults";
+  const fields = m.tool_calls.map((call, k) => {
+    const label = document.createElement("label");
+    label.textContent = "结果 Result of " + call.function.name;
+    const area = document.createElement("textarea");
+    area.rows = 1; area.required = true;
+    area.setAttribute("aria-label", "Result of " + call.function.name + " (" + (k + 1) + ")");
+    label.appendChild(area);
+    form.appendChild(label);
+    return area;
+  });
+  const send = document.createElement("button");
+  send.type = "submit"; send.className = "primary small"; send.textContent = "发送结果 Send results";
+  form.appendChild(send);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (controller) return;
+    m.tool_calls.forEach((call, k) => conv.messages.push({ role: "tool", tool_call_id: call.id, content: fields[k].value }));
+    save(conv);
+    renderLog();
+    generate();
+  });
+  return form;
 }
 
 function renderLog() {
@@ -364,11 +422,13 @@ function renderLog() {
 
 // Regenerate belongs to the last answer (or to a last question that got none, after an error).
 function markLast() {
-  document.querySelectorAll("#log .regen").forEach((b) => b.remove());
+  document.querySelectorAll("#log .regen, #log form.toolresults").forEach((b) => b.remove());
   const n = conv.messages.length;
   if (!n || controller) return;
   const bars = document.querySelectorAll("#log .msgbar");
   const bar = bars[bars.length - 1];
+  const last = conv.messages[n - 1];
+  if (last.role === "assistant" && last.tool_calls && last.tool_calls.length) bar.before(toolResultsForm(last));
   const regen = smallButton("regen", "重新生成 Regenerate", "Regenerate the last answer");
   regen.addEventListener("click", regenerate);
   bar.appendChild(regen);
@@ -376,7 +436,7 @@ function markLast() {
 
 function regenerate() {
   if (controller) return;
-  while (conv.messages.length && conv.messages[conv.messages.length - 1].role !== "user") conv.messages.pop();
+  while (conv.messages.length && conv.messages[conv.messages.length - 1].role === "assistant") conv.messages.pop();
   if (!conv.messages.length) return;
   save(conv);
   renderLog();
@@ -470,12 +530,29 @@ function setBusy(busy) {
 
 // The request for the conversation so far: its system prompt and settings, and the messages
 // (an answer that never came is left out).
+// A tool call goes back to the model only together with its results (the protocol wants every
+// call answered); one the user never answered is left out, its text kept.
 function chatRequest(c) {
   const messages = [];
   if (c.settings.system) messages.push({ role: "system", content: c.settings.system });
-  c.messages.forEach((m) => { if (m.content) messages.push({ role: m.role, content: m.content }); });
+  c.messages.forEach((m, i) => {
+    const next = c.messages[i + 1];
+    if (m.role === "tool") {
+      messages.push({ role: "tool", tool_call_id: m.tool_call_id, content: m.content });
+    } else if (m.tool_calls && m.tool_calls.length && next && next.role === "tool") {
+      messages.push({ role: "assistant", content: m.content || null,
+                      tool_calls: m.tool_calls.map((t) => ({ id: t.id, type: "function",
+                                                             function: { name: t.function.name, arguments: t.function.arguments } })) });
+    } else if (m.content) {
+      messages.push({ role: m.role, content: m.content });
+    }
+  });
   const body = { messages, stream: true, stream_options: { include_usage: true } };
   for (const key of ["temperature", "top_p", "max_tokens"]) if (c.settings[key] !== undefined) body[key] = c.settings[key];
+  if (c.settings.tools) {
+    body.tools = c.settings.tools;
+    if (c.settings.tool_choice) body.tool_choice = c.settings.tool_choice;
+  }
   return body;
 }
 
@@ -540,7 +617,7 @@ async function generate() {
     }
   } finally {
     if (frame) cancelAnimationFrame(frame);
-    if (calls.length) m.tool_calls = calls;
+    if (calls.length) m.tool_calls = calls.filter(Boolean).map((t, k) => ({ ...t, id: t.id || "call_" + Date.now().toString(36) + k }));
     if (tFirst !== null) {
       const tokens = usage && usage.completion_tokens ? usage.completion_tokens : pieces;
       m.stats = { ttft_ms: Math.round(tFirst - t0), tokens, approx: !(usage && usage.completion_tokens) };
@@ -629,8 +706,14 @@ $("delconv").addEventListener("blur", () => { $("delconv").classList.remove("con
 SETTINGS.forEach(([key, id]) => $(id).addEventListener("change", () => {
   const el = $(id);
   const raw = el.value.trim();
+  $("settingserror").textContent = "";
   if (!raw) delete conv.settings[key];
-  else if (key === "system") conv.settings.system = el.value;
+  else if (key === "system" || key === "tool_choice") conv.settings[key] = key === "system" ? el.value : raw;
+  else if (key === "tools") {
+    const tools = parseTools(raw);
+    if (tools instanceof Error) { $("settingserror").textContent = tools.message; return; }
+    conv.settings.tools = tools;
+  }
   else if (el.checkValidity()) conv.settings[key] = key === "max_tokens" ? parseInt(raw, 10) : parseFloat(raw);
   else { el.reportValidity(); return; }
   $("settings").classList.toggle("set", Object.keys(conv.settings).length > 0);
@@ -661,7 +744,8 @@ $("exportmd").addEventListener("click", () => {
   const out = ["# " + conv.title, ""];
   if (conv.settings.system) out.push("**系统 System:** " + conv.settings.system, "");
   conv.messages.forEach((m) => {
-    out.push(m.role === "user" ? "## 用户 User" : "## 助手 Assistant", "", m.content || "");
+    out.push(m.role === "user" ? "## 用户 User" : m.role === "tool" ? "## 工具结果 Tool result" : "## 助手 Assistant", "",
+             m.content || "");
     (m.tool_calls || []).forEach((t) => out.push("", "```json", "// tool call: " + t.function.name, t.function.arguments, "```"));
     out.push("");
   });

@@ -867,3 +867,54 @@ def test_imported_book_is_found_and_markup_in_a_title_is_text(model_server, tmp_
     expect(page.locator("#searchwhy")).to_be_visible()
     expect(page.locator("#searchwhy")).to_contain_text("never the nearest guess")
     page.screenshot(path=str(shots / "search-none.png"), full_page=True)
+
+
+def test_tool_calls_from_the_server_and_results_sent_back(gateway, new_page, shots):
+    get_time = {"type": "function", "function": {
+        "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                           "required": ["zone"]}}}
+    page = new_page(gateway.url)
+    page.locator("#settings summary").click()
+    page.locator("#tools").fill("[{")
+    page.locator("#tools").press("Tab")
+    expect(page.locator("#settingserror")).to_contain_text("JSON")
+    page.locator("#tools").fill(json.dumps([get_time]))
+    page.locator("#tools").press("Tab")
+    expect(page.locator("#settingserror")).to_have_text("")
+    page.locator("#tool_choice").select_option("required")
+    page.locator("#max_tokens").fill("48")
+    page.locator("#max_tokens").press("Tab")
+
+    # the embedded model must call (tool_choice required): the streamed call shows as a closed block
+    with page.expect_request("**" + CHAT) as req:
+        send(page, "What time is it in Tokyo? Use the tool.")
+    assert req.value.post_data_json["tools"] == [get_time] and req.value.post_data_json["tool_choice"] == "required"
+    bubble = page.locator(DONE_REPLY)
+    expect(bubble).to_have_count(1)
+    calls = bubble.locator("details.toolcall")
+    expect(calls.first.locator("summary")).to_have_text("工具调用 Tool call: get_time")
+    expect(bubble).not_to_contain_text("空回复")
+    count = calls.count()
+    calls.first.locator("summary").click()
+    assert "zone" in json.loads(calls.first.locator("pre").inner_text())
+
+    # the person answers each call; results and the call go back, and the model answers in words
+    results = page.locator("form.toolresults textarea")
+    expect(results).to_have_count(count)
+    for i in range(count):
+        results.nth(i).fill("12:00 JST")
+    page.locator("#tool_choice").select_option("none")
+    with page.expect_request("**" + CHAT) as req:
+        page.get_by_role("button", name="发送结果 Send results").click()
+    sent = req.value.post_data_json["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant"] + ["tool"] * count
+    assert [c["function"]["name"] for c in sent[1]["tool_calls"]] == ["get_time"] * count
+    assert [m["tool_call_id"] for m in sent[2:]] == [c["id"] for c in sent[1]["tool_calls"]]
+    assert req.value.post_data_json["tool_choice"] == "none"
+    expect(page.locator(DONE_REPLY)).to_have_count(2)
+    expect(page.locator(".msg.tool")).to_have_count(count)
+    expect(page.locator("form.toolresults")).to_have_count(0)
+    page.screenshot(path=str(shots / "tool-calls.png"), full_page=True)
+    page.reload()
+    expect(page.locator(".msg.tool").first).to_contain_text("12:00 JST")
+    expect(page.locator(DONE_REPLY).first.locator("details.toolcall")).to_have_count(count)

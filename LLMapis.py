@@ -22,8 +22,10 @@ from chatglm4.engine import EngineBusy, EngineError, EngineStats, GenerationStre
 from chatglm4.engine.modelload import default_served_name
 from chatglm4.metrics import Metrics
 from chatglm4.prompts import TemplateError
+from chatglm4.servermetrics import EngineMetrics
 from chatglm4.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
-                               FunctionCall, ModelCard, ModelList, ToolCall, Usage, completion_id, now)
+                               CompletionChoice, CompletionRequest, CompletionResponse, FunctionCall, ModelCard,
+                               ModelList, ToolCall, Usage, completion_id, now)
 from chatglm4.toolcalls import ToolCallParser, finish_reason, split_reply
 from chatglm4.wsgi import make_server
 from LLMkernel import Kernel, RequestTooLong, TaskNotFound, ToolsInvalid
@@ -87,12 +89,18 @@ def create_app(state: ServerState) -> Flask:
             ("chatglm4_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", "prefix_hit_tokens")):
         metrics.gauge(name, doc).set_function(lambda field=field: getattr(state.stats(), field))
     ttft = metrics.histogram("chatglm4_time_to_first_token_seconds", "from enqueue to the first generated token")
+    engine_metrics = EngineMetrics(metrics.registry, state.stats,
+                                   lambda: getattr(state.kernel.engine, "max_batch", None) if state.kernel else None)
+
+    def observe_ttft(seconds: float) -> None:
+        ttft.observe(seconds)
+        engine_metrics.ttft.observe(seconds)
 
     @app.before_request
     def _attach_ttft():
         # The kernel may arrive after the app is built (the model loads in the background).
         if state.kernel is not None and state.kernel.engine.observe_ttft is None:
-            state.kernel.engine.observe_ttft = ttft.observe
+            state.kernel.engine.observe_ttft = observe_ttft
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -107,16 +115,44 @@ def create_app(state: ServerState) -> Flask:
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return Response(_cancel_on_close(stream, sse.chat_chunks(
-                stream, id=cid, created=created, model=state.model_name, include_usage=include_usage,
-                tools=tools)), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+                _timed(stream, engine_metrics), id=cid, created=created, model=state.model_name,
+                include_usage=include_usage, tools=tools)), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
         try:
             result = stream.collect()
         finally:
             stream.cancel()
+        engine_metrics.finished(stream.submitted_at, stream.first_token_at, result.completion_tokens)
         body = ChatCompletionResponse(id=cid, created=created, model=state.model_name,
                                       usage=Usage.of(result.prompt_tokens, result.completion_tokens),
                                       choices=[_choice(result.text, str(result.finish_reason), tools)])
         return jsonify(body.model_dump(exclude_none=True))
+
+    @app.post("/v1/completions")
+    def completions():
+        body = errors.parse(CompletionRequest, request)
+        streams = state.require_kernel().complete(body)
+        gone = request.environ.get("waitress.client_disconnected")
+        for stream in streams:
+            stream.client_gone = gone
+        cid, created = completion_id("cmpl-"), now()
+        echo = body.prompts() if body.echo else None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            frames = sse.completion_chunks([_timed(s, engine_metrics) for s in streams], id=cid, created=created,
+                                           model=state.model_name, include_usage=include_usage, echo=echo)
+            return Response(_cancel_all_on_close(streams, frames), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+        try:
+            results = [s.collect() for s in streams]
+        finally:
+            for s in streams:
+                s.cancel()
+        for s, r in zip(streams, results):
+            engine_metrics.finished(s.submitted_at, s.first_token_at, r.completion_tokens)
+        choices = [CompletionChoice(index=i, text=(echo[i] if echo else "") + r.text, finish_reason=str(r.finish_reason))
+                   for i, r in enumerate(results)]
+        usage = Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+        return jsonify(CompletionResponse(id=cid, created=created, model=state.model_name, choices=choices,
+                                          usage=usage).model_dump())
 
     @app.get("/metrics")
     def prometheus():
@@ -151,12 +187,31 @@ def _choice(text: str, finish: str, tools: ToolCallParser | None) -> Choice:
     """The reply as OpenAI's choice: its text, or its content and tool calls."""
     if tools is None:
         return Choice(message=AssistantMessage(content=text), finish_reason=finish)
-    content, calls = split_reply(text, tools.names, tools.dialect)
+    content, calls = split_reply(text, tools.names, tools.dialect, cut=finish == "length")
     # A call cut off by max_tokens is left out: every call returned parses (finish_reason "length"
     # says the reply was cut).
     message = AssistantMessage(content=content.strip() or None, tool_calls=[
         ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls if c.closed] or None)
     return Choice(message=message, finish_reason=finish_reason(finish, calls))
+
+
+def _timed(stream: GenerationStream, engine_metrics: EngineMetrics) -> Iterator[Any]:
+    """The stream's deltas; when it has ended, its latencies are recorded."""
+    last = None
+    try:
+        for delta in stream:
+            last = delta
+            yield delta
+    finally:
+        engine_metrics.finished(stream.submitted_at, stream.first_token_at, last.completion_tokens if last else 0)
+
+
+def _cancel_all_on_close(streams: list[GenerationStream], frames: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        yield from frames
+    finally:
+        for stream in streams:
+            stream.cancel()
 
 
 def _cancel_on_close(stream: GenerationStream, frames: Iterator[bytes]) -> Iterator[bytes]:

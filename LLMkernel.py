@@ -16,7 +16,8 @@ from chatglm4 import book_task, toolcalls
 from chatglm4.conversation import ContextOverflow, fit_conversation
 from chatglm4.engine import Engine, GenerationStream, SamplingParams
 from chatglm4.prompts import render
-from chatglm4.protocol import BookSearchTaskRequest, BookSearchTaskResponse, ChatCompletionRequest, Usage
+from chatglm4.protocol import (BookSearchTaskRequest, BookSearchTaskResponse, ChatCompletionRequest, CompletionRequest,
+                               Usage)
 from chatglm4.toolcalls import ToolCallParser
 
 
@@ -120,6 +121,26 @@ class Kernel:
         params = request.to_sampling_params(max_tokens=budget, default_temperature=self.default_temperature,
                                             grammar=self._grammar(request, dialect))
         return self.engine.generate(prompt_ids, params)
+
+    def complete(self, request: CompletionRequest) -> list[GenerationStream]:
+        """Starts one plain-text continuation per prompt (generated together, in one batch)."""
+        context = self.engine.context_length
+        budget = completion_budget(request.max_tokens, self.default_max_tokens, context)
+        prompts = [self.engine.encode_text(p) for p in request.prompts()]
+        for ids in prompts:
+            if len(ids) + budget > context:
+                raise RequestTooLong(f"the prompt needs {len(ids)} tokens and max_tokens {budget} more, over the "
+                                     f"model's context of {context}")
+        params = request.to_sampling_params(max_tokens=budget, default_temperature=self.default_temperature)
+        streams: list[GenerationStream] = []
+        try:
+            for ids in prompts:
+                streams.append(self.engine.generate(ids, params))
+        except BaseException:
+            for stream in streams:  # all or none: a busy engine refuses the whole request
+                stream.cancel()
+            raise
+        return streams
 
     def tool_dialect(self) -> toolcalls.Dialect:
         return toolcalls.dialect_for(getattr(self.engine, "tool_dialect", None))

@@ -28,6 +28,7 @@ from chatglm4.catalogue import Catalogue, CatalogueUnavailable, TitleConflict, l
 from chatglm4.metrics import Metrics
 from chatglm4.openapi import Api, Route
 from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest, ApiChatResponse, Book, BookPatch,
+                               CompletionRequest, CompletionResponse,
                                BookListQuery, BookListResponse, BookSearchRequest, BookSearchResponse,
                                ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ImportResponse,
                                ModelList, SearchProgress)
@@ -135,8 +136,8 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
 
     # ------------------------------------------------------------ model routes
 
-    def relay_stream(payload: dict) -> Response:
-        upstream = pool.request("POST", "/v1/chat/completions", json=payload, stream=True)
+    def relay_stream(payload: dict, path: str = "/v1/chat/completions") -> Response:
+        upstream = pool.request("POST", path, json=payload, stream=True)
         return Response(_relay(upstream), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
 
     @api.route(Route("POST", "/v1/chat/completions", "OpenAI chat completion (stream true or false)",
@@ -147,6 +148,17 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
         if chat.stream:
             return relay_stream(payload)
         resp = pool.request("POST", "/v1/chat/completions", json=payload)
+        return Response(resp.content, status=resp.status_code, mimetype="application/json")
+
+    @api.route(Route("POST", "/v1/completions", "OpenAI text completion: plain prompt(s) in, text out (stream true "
+                     "or false)", CompletionRequest, CompletionResponse, streams=True, chunk=CompletionResponse,
+                     errors=MODEL))
+    def completions():
+        body = errors.parse(CompletionRequest, request)
+        payload = body.model_dump(exclude_none=True)
+        if body.stream:
+            return relay_stream(payload, "/v1/completions")
+        resp = pool.request("POST", "/v1/completions", json=payload)
         return Response(resp.content, status=resp.status_code, mimetype="application/json")
 
     @api.route(Route("GET", "/v1/models", "OpenAI model list", response=ModelList, errors=MODEL))

@@ -31,6 +31,7 @@ class Route:
     errors: tuple[int, ...] = ()       # what this route answers beyond the statuses of its kind
     auth: bool = True
     streams: bool = False              # also answers text/event-stream when the body asks to stream
+    chunk: type[BaseModel] = ChatCompletionChunk  # what each streamed event's data holds
     content_type: str = "application/json"
     uploads: tuple[str, ...] = ()      # a raw body in one of these types instead of a JSON request
     failure_body: bool = False         # the error statuses in `errors` carry `response`, not an error
@@ -67,8 +68,7 @@ def build(routes: list[Route], title: str, version: str, keys: bool) -> dict:
     """An OpenAPI 3.1 document for `routes`; `keys`: whether the server requires API keys (then the
     routes with `auth` declare bearer security and 401)."""
     models = {m for r in routes for m in (r.request, r.response, r.query) if m is not None} | {ErrorResponse}
-    if any(r.streams for r in routes):
-        models.add(ChatCompletionChunk)
+    models |= {r.chunk for r in routes if r.streams}
     refs, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                     ref_template="#/components/schemas/{model}")
     ref = {m: refs[(m, "validation")] for m in models}
@@ -118,8 +118,8 @@ def _success(r: Route, ref: dict) -> dict:
         # `data:` holds a chunk as JSON, or an error object, and the last one is `[DONE]`.
         event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
             {"type": "string", "contentMediaType": "application/json",
-             "contentSchema": {"anyOf": [ref[ChatCompletionChunk], ref[ErrorResponse]]},
-             "description": "a chat.completion.chunk, or an error object, as JSON"},
+             "contentSchema": {"anyOf": [ref[r.chunk], ref[ErrorResponse]]},
+             "description": "a chunk, or an error object, as JSON"},
             {"const": "[DONE]", "description": "the last event"}]}}}
         content["text/event-stream"] = {"schema": event}
     return {"description": "success", "content": content}

@@ -142,13 +142,11 @@ class StreamOptions(BaseModel):
 StopString = Annotated[str, StringConstraints(min_length=1)]
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions on both servers."""
+class SamplingFields(BaseModel):
+    """What both completion routes take to sample a reply."""
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
@@ -158,11 +156,6 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     # torch seeds generators with any 64-bit value, signed or not.
     seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1)
-    response_format: ResponseFormat | None = None
-    tools: list[ToolSpec] | None = Field(default=None, min_length=1, max_length=64)
-    # OpenAI's defaults: "auto" when tools are given, else "none".
-    tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool = True
     # Accepted for compatibility with OpenAI clients; they do not change sampling here.
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -180,6 +173,32 @@ class ChatCompletionRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def to_sampling_params(self, *, max_tokens: int, default_temperature: float, grammar: Any = None) -> Any:
+        """The engine's SamplingParams for this request (max_tokens decided by the caller's budget)."""
+        # Imported here: the engine package is light, but the gateway has no use for it.
+        from .engine.sampling import SamplingParams
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=self.top_p, stop=list(self.stop), seed=self.seed, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, grammar=grammar)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions on both servers."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, min_length=1, max_length=64)
+    # OpenAI's defaults: "auto" when tools are given, else "none".
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def tool_problem(self) -> str | None:
         """What is wrong with the request's tools, if anything. Checked by the model server (a 400
@@ -203,17 +222,6 @@ class ChatCompletionRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def to_sampling_params(self, *, max_tokens: int, default_temperature: float, grammar: Any = None) -> Any:
-        """The engine's SamplingParams for this request (max_tokens decided by the caller's budget)."""
-        # Imported here: the engine package is light, but the gateway has no use for it.
-        from .engine.sampling import SamplingParams
-
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=default_temperature if self.temperature is None else self.temperature,
-            top_p=self.top_p, stop=list(self.stop), seed=self.seed, ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, grammar=grammar)
-
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -224,6 +232,36 @@ class Usage(BaseModel):
     def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions: plain text in, text out, for clients of the older OpenAI route."""
+
+    # One prompt, or several (each its own choice, `index` in the order given).
+    prompt: Annotated[str, StringConstraints(min_length=1)] | \
+        Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1, max_length=16)]
+    # OpenAI's default for this route.
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -283,8 +321,8 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
+def completion_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + uuid.uuid4().hex
 
 
 def tool_call_id() -> str:

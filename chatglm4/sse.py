@@ -10,7 +10,8 @@ import logging
 from typing import Iterable, Iterator, Protocol
 
 from .errors import GenerationFailed, error_body
-from .protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage, FunctionCallDelta, ToolCallDelta, Usage
+from .protocol import (ChatCompletionChunk, ChunkChoice, CompletionChoice, CompletionResponse, DeltaMessage,
+                       FunctionCallDelta, ToolCallDelta, Usage)
 from .toolcalls import Event, ToolCallParser, finish_reason
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,49 @@ def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: s
             else:
                 for delta in _deltas(tools.feed(piece.text)):
                     yield chunk(delta)
-        if tools is not None:
-            for delta in _deltas(tools.finish()):
-                yield chunk(delta)
         finish = str((last and last.finish_reason) or "stop")
+        if tools is not None:
+            for delta in _deltas(tools.finish(cut=finish == "length")):
+                yield chunk(delta)
         yield chunk(DeltaMessage(), finish=finish_reason(finish, tools.calls if tools else []))
         if include_usage:
             usage = Usage.of(last.prompt_tokens, last.completion_tokens) if last else Usage.of(0, 0)
             yield chunk(DeltaMessage(), usage=usage, choices=False)
+    except GenerationFailed as exc:
+        log.warning("stream failed after it started: %s", exc)
+        yield event(error_body(f"generation failed: {exc}", "internal_error"))
+    yield DONE
+
+
+def completion_chunks(streams: list[Iterable[StreamStep]], *, id: str, created: int, model: str,
+                      include_usage: bool, echo: list[str] | None = None) -> Iterator[bytes]:
+    """SSE frames for a streamed /v1/completions: each prompt's text in turn (its `index` says which),
+    its finish reason, then usage for all of them and `data: [DONE]`. The prompts are generated
+    together; one read later simply waits in its stream."""
+
+    def chunk(index: int, text: str, finish: str | None = None) -> bytes:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish)
+        return event(CompletionResponse(id=id, created=created, model=model, choices=[choice]).model_dump(
+            exclude={"usage"}))
+
+    prompt_tokens = completion_tokens = 0
+    try:
+        for index, pieces in enumerate(streams):
+            if echo:
+                yield chunk(index, echo[index])
+            last: StreamStep | None = None
+            for piece in pieces:
+                last = piece
+                if piece.text:
+                    yield chunk(index, piece.text)
+            yield chunk(index, "", finish=str((last and last.finish_reason) or "stop"))
+            if last is not None:
+                prompt_tokens += last.prompt_tokens
+                completion_tokens += last.completion_tokens
+        if include_usage:
+            usage = Usage.of(prompt_tokens, completion_tokens)
+            yield event({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [],
+                         "usage": usage.model_dump()})
     except GenerationFailed as exc:
         log.warning("stream failed after it started: %s", exc)
         yield event(error_body(f"generation failed: {exc}", "internal_error"))

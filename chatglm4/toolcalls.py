@@ -200,8 +200,10 @@ class ToolCallParser:
             self._buffer = self._buffer[len(self._buffer) - keep:]
             return events
 
-    def finish(self) -> list[Event]:
-        """The end of the reply: whatever was held back, and a call the reply ended inside."""
+    def finish(self, cut: bool = False) -> list[Event]:
+        """The end of the reply: whatever was held back, and a call the reply ended inside. `cut`:
+        max_tokens ended it, so held-back text that begins a call's opening is a call that never
+        started, not content."""
         events: list[Event] = []
         if self._current is not None:
             self._add_arguments(self._buffer, events)
@@ -209,7 +211,7 @@ class ToolCallParser:
             # max_tokens stays open (finish_reason "length").
             self._current.closed = not self.dialect.end and _is_json(self._current.arguments)
             self._current = None
-        elif self._buffer:
+        elif self._buffer and not cut:  # what is held back is always the start of an opening
             events.append(Event(text=self._buffer))
         self._buffer = ""
         return events
@@ -247,10 +249,10 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def split_reply(text: str, names: list[str], dialect: Dialect) -> tuple[str, list[Call]]:
-    """A whole reply as (content, calls)."""
+def split_reply(text: str, names: list[str], dialect: Dialect, cut: bool = False) -> tuple[str, list[Call]]:
+    """A whole reply as (content, calls); `cut`: max_tokens ended it."""
     parser = ToolCallParser(names, dialect)
-    events = parser.feed(text) + parser.finish()
+    events = parser.feed(text) + parser.finish(cut)
     content = "".join(e.text for e in events if e.call is None)
     return content, parser.calls
 

@@ -314,6 +314,33 @@ def test_metrics_report_queue_batch_tokens_and_ttft(model_server):
     assert float(count.split()[-1]) >= 1
 
 
+def test_vllm_named_metrics_count_what_happened(model_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        text = requests.get(model_server.url + "/metrics", timeout=10).text
+        return {sample.name: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if not sample.labels or set(sample.labels) == {"le"} and
+                sample.labels["le"] == "+Inf"}
+
+    before = scrape()
+    requests.post(model_server.url + "/v1/chat/completions", timeout=60,
+                  json={"messages": ask("Hi"), "max_tokens": 5, "ignore_eos": True})
+    with requests.post(model_server.url + "/v1/chat/completions", timeout=60, stream=True,
+                       json={"messages": ask("Hello"), "max_tokens": 5, "ignore_eos": True, "stream": True}) as r:
+        assert r.content.endswith(b"data: [DONE]\n\n")
+    after = scrape()
+    grew = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert grew["chatglm4:generation_tokens_total"] >= 10
+    assert grew["chatglm4:prompt_tokens_total"] >= 2
+    assert grew["chatglm4:prefix_cache_queries_total"] == grew["chatglm4:prompt_tokens_total"]
+    assert grew["chatglm4:time_to_first_token_seconds_count"] == 2
+    assert grew["chatglm4:e2e_request_latency_seconds_count"] == 2
+    assert grew["chatglm4:inter_token_latency_seconds_count"] == 8   # 4 gaps a request
+    assert after["chatglm4:num_requests_running"] == 0 and after["chatglm4:num_requests_waiting"] == 0
+    assert 0.0 <= after["chatglm4:kv_cache_usage_perc"] <= 1.0
+
+
 def test_a_failing_generation_is_reported_and_the_engine_keeps_serving(kernel):
     from chatglm4.engine import EngineError
     from chatglm4.engine.sampling import SamplingParams

@@ -14,7 +14,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 # Generation is the slow part on a CPU: keep every reply a few tokens long.
 MAX_TOKENS = 4
 CONTEXT = 512
-CHAT_PATHS = ("/v1/chat/completions", "/api/chat")
+CHAT_PATHS = ("/v1/chat/completions", "/v1/completions", "/api/chat")
 # With keys on, the description declares bearer security and schemathesis also checks that calls
 # without the key are refused.
 KEY = "schemathesis-key"

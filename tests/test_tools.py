@@ -60,6 +60,13 @@ def test_text_that_only_looks_like_an_opening_stays_content():
     assert (content, calls) == ("\n你好，get_time", [])
 
 
+def test_an_opening_cut_off_by_max_tokens_is_no_content():
+    reply = call_text(TAGGED, "get_time", '{"zone":"UTC"}') + "\n" + TAGGED.begin("get_weather")[:20]
+    assert split_reply(reply, ["get_weather", "get_time"], TAGGED, cut=True)[0].strip() == ""
+    # Ended by the model, the same text is content: a reply may end in a look-alike.
+    assert split_reply("see <tool_ca", ["get_weather"], TAGGED)[0] == "see <tool_ca"
+
+
 def test_several_tagged_calls_and_a_cut_off_one():
     reply = call_text(TAGGED, "get_time", '{"zone":"UTC"}') + "\n" + TAGGED.begin("get_weather") + '{"city":"Oslo"' 
     content, calls = split_reply(reply, ["get_weather", "get_time"], TAGGED)
@@ -260,3 +267,37 @@ def test_tool_errors_are_4xx_through_the_gateway(gateway):
     r = requests.post(gateway.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "tool", "content": "sunny"}]})
     assert r.status_code == 422 and "tool_call_id" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- /v1/completions
+
+
+def test_sdk_text_completions_whole_streamed_and_several_prompts(client):
+    whole = client.completions.create(model="chatglm4", prompt="The capital of France is", max_tokens=6,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    text = whole.choices[0].text
+    assert text and whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
+
+    pieces, finish = [], None
+    for chunk in client.completions.create(model="chatglm4", prompt="The capital of France is", max_tokens=6,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True}):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == text and finish == "length"   # greedy: the same text either way
+
+    both = client.completions.create(model="chatglm4", prompt=["The capital of France is", "1, 2, 3,"],
+                                     max_tokens=6, temperature=0, echo=True, extra_body={"ignore_eos": True})
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == "The capital of France is" + text   # batched with another: unchanged
+    assert both.choices[1].text.startswith("1, 2, 3,") and both.usage.completion_tokens == 12
+
+
+def test_text_completion_errors(gateway):
+    import requests
+
+    r = requests.post(gateway.url + "/v1/completions", json={"prompt": ""}, timeout=30)
+    assert r.status_code == 422
+    r = requests.post(gateway.url + "/v1/completions", json={"prompt": "x" * 20000, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

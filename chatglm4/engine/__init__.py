@@ -163,6 +163,9 @@ class Engine(Protocol):
         """Token ids of a conversation rendered by the model's chat template, ready for a reply;
         `tools` are handed to a template that lists them itself."""
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text, for /v1/completions."""
+
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         """Starts generating; EngineBusy when it cannot take the request now."""
 

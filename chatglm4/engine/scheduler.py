@@ -105,6 +105,10 @@ class LocalEngine:
         text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text (the tokenizer's own special tokens, such as BOS, included)."""
+        return self.tokenizer(text)["input_ids"]
+
     def compile_json_schema(self, schema: dict) -> Any:
         """A compiled grammar that only admits JSON matching `schema` (cached by schema text)."""
         return self._grammars().compile(schema)

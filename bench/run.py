@@ -1,6 +1,7 @@
 """`make bench`: our model server, the serial baseline and `transformers serve --continuous-batching`
 on the same model, the same prompt and the same forced number of generated tokens, in one run;
-then book search and the gateway's added latency. Writes bench/results.md.
+then book search and the gateway's added latency, and a long prompt arriving while streams decode
+(bench/prefill_gap.py, chunked prefill on and off). Writes bench/results.md.
 
 Every server runs alone (the others are stopped) so they do not share the CPU. Request loops are
 bounded and everything listens on 127.0.0.1 only."""
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import load  # noqa: E402
+from chatglm4.config import ModelServerConfig  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a story about a robot."}]
 TOKENS = 64
@@ -247,9 +249,12 @@ def main() -> int:
     args = parser.parse_args()
     print("machine:", machine(), flush=True)
     rows, extras = bench_ours(args.quick)
+    import prefill_gap  # here: it imports this module's Proc
+
+    gap_rows = prefill_gap.measure([ModelServerConfig.prefill_chunk_tokens, 0], 1 if args.quick else 2)
     serial_rows, reference = bench_serial(args.quick)
     peer_rows, note = ([], "skipped (--skip-peer)") if args.skip_peer else bench_transformers_serve(args.quick)
-    text = write(rows + serial_rows + peer_rows, extras, reference, note)
+    text = write(rows + serial_rows + peer_rows, extras, reference, note) + "\n" + prefill_gap.markdown(gap_rows)
     (HERE / "results.md").write_text(text, encoding="utf-8")
     print(text)
     return 0

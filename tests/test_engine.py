@@ -3,6 +3,7 @@ shutdown, and isolation (a request whose own state breaks fails alone)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -155,3 +156,139 @@ def test_a_failed_load_says_unavailable_with_the_reason(serve):
     r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]},
                       timeout=5)
     assert r.status_code == 503 and "CUDA out of memory" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------ chunked prefill
+
+# Small chunks, so a test prompt of a few hundred tokens takes many of them; 48 is not a multiple
+# of the prefix cache's block, so chunk edges fall inside blocks.
+CHUNK = 48
+GREEDY_16 = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+def long_prompt(engine, lines: int = 40, topic: str = "fox") -> list[int]:
+    """A chat prompt of several hundred tokens (40 lines: about 600)."""
+    text = " ".join(f"Line {i}: the quick brown {topic} jumps over the lazy dog number {i}." for i in range(lines))
+    return prompt(engine, text + " Which line mentions number 7?")
+
+
+def chunks_of(n_tokens: int, chunk: int = CHUNK) -> int:
+    return -(-n_tokens // chunk)
+
+
+@contextlib.contextmanager
+def decoding(engine):
+    """Yields a stream that decodes for the whole block (prompts are chunked only while one decodes)."""
+    stream = engine.generate(prompt(engine), SamplingParams(max_tokens=10_000, ignore_eos=True))
+    deltas = iter(stream)
+    next(deltas)
+    try:
+        yield stream
+    finally:
+        stream.cancel()
+    assert [d.finish_reason for d in deltas][-1] == FinishReason.CANCELLED
+
+
+def unchunked_greedy(loaded, ids: list[int]) -> str:
+    """The greedy text of `ids` alone, prefilled in one forward, without a prefix cache."""
+    engine = LocalEngine(loaded, prefill_chunk_tokens=0, prefix_cache_tokens=0)
+    try:
+        return engine.generate(ids, GREEDY_16).collect().text
+    finally:
+        engine.shutdown()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(kernel):
+    engine = LocalEngine(kernel.engine.loaded, prefill_chunk_tokens=CHUNK, prefix_cache_tokens=0)
+    try:
+        ids = long_prompt(engine)
+        seen: list[int] = []  # prefill chunks done at each of the running stream's deltas
+        with decoding(engine) as running:
+            put = running.put
+            running.put = lambda delta: (seen.append(engine.stats().prefill_chunks), put(delta))  # engine thread
+            text = engine.generate(ids, GREEDY_16).collect().text
+        chunks = engine.stats().prefill_chunks
+        assert chunks == chunks_of(len(ids))
+        # The running stream got tokens after (nearly) every chunk, not only after the whole prompt.
+        between = {k for k in seen if 1 <= k < chunks}
+        assert len(between) >= chunks - 2, (between, chunks)
+        # The chunked prompt, prefilled beside a decoding batch, reads as it does alone and unchunked.
+        assert text == unchunked_greedy(kernel.engine.loaded, ids) and text
+    finally:
+        engine.shutdown()
+
+
+def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole(kernel):
+    engine = LocalEngine(kernel.engine.loaded, prefill_chunk_tokens=CHUNK)
+    try:
+        engine.generate(long_prompt(engine), SamplingParams(max_tokens=1)).collect()
+        assert engine.stats().prefill_chunks == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_chunked_prompt_is_reused_from_the_prefix_cache(kernel):
+    loaded = kernel.engine.loaded
+    engine = LocalEngine(loaded, prefill_chunk_tokens=CHUNK)
+    try:
+        first = long_prompt(engine)
+        longer = first + long_prompt(engine, lines=20, topic="cat")  # the next turn starts with it
+        with decoding(engine):
+            start = engine.stats()
+            text = engine.generate(first, GREEDY_16).collect().text
+            chunked = engine.stats()
+            computed = chunked.prefill_tokens - start.prefill_tokens
+            assert chunked.prefill_chunks - start.prefill_chunks == chunks_of(computed) > 1
+            assert engine.generate(first, GREEDY_16).collect().text == text
+            again = engine.stats()
+            assert again.prefix_hit_tokens - chunked.prefix_hit_tokens >= len(first) - 32
+            assert again.prefill_tokens - chunked.prefill_tokens <= 32
+            # A longer prompt starting with it starts its chunks from the cached prefix.
+            longer_text = engine.generate(longer, GREEDY_16).collect().text
+            after = engine.stats()
+        assert after.prefix_hit_tokens - again.prefix_hit_tokens >= len(first) - 32
+        assert after.prefill_chunks - again.prefill_chunks == chunks_of(after.prefill_tokens - again.prefill_tokens) > 1
+        assert longer_text == unchunked_greedy(loaded, longer)
+    finally:
+        engine.shutdown()
+
+
+def test_a_prompt_failing_between_its_chunks_fails_alone(kernel):
+    engine = LocalEngine(kernel.engine.loaded, prefill_chunk_tokens=CHUNK)
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        solo = engine.generate(prompt(engine, "Count to ten."), params).collect().text
+        healthy = engine.generate(prompt(engine, "Count to ten."), params)
+        deltas = iter(healthy)
+        texts = [next(deltas).text]  # it is decoding
+        ids = long_prompt(engine)
+        # A token the model has no embedding for, a few chunks in: that chunk's forward raises.
+        broken = ids[:6 * CHUNK] + [kernel.engine.loaded.model.config.vocab_size + 10] + ids[6 * CHUNK:]
+        with pytest.raises(EngineError):
+            engine.generate(broken, params).collect()
+        assert engine.stats().prefill_chunks >= 4  # it failed chunks in (a cached prefix may save one)
+        texts += [d.text for d in deltas]
+        assert "".join(texts) == solo
+        assert engine.generate(prompt(engine, "Count to ten."), params).collect().text == solo
+    finally:
+        engine.shutdown()
+
+
+def test_a_prompt_cancelled_between_its_chunks_ends_cancelled(kernel):
+    engine = LocalEngine(kernel.engine.loaded, prefill_chunk_tokens=CHUNK)
+    try:
+        with decoding(engine) as running:
+            late = engine.generate(long_prompt(engine), SamplingParams(max_tokens=16))
+            put = running.put
+
+            def cancel_after_two_chunks(delta):  # on the engine's thread, so it happens between chunks
+                if engine.stats().prefill_chunks >= 2:
+                    late.cancel()
+                put(delta)
+
+            running.put = cancel_after_two_chunks
+            ending = list(late)
+        assert [(d.finish_reason, d.completion_tokens) for d in ending] == [(FinishReason.CANCELLED, 0)]
+        assert 2 <= engine.stats().prefill_chunks < chunks_of(len(late.prompt_ids))
+    finally:
+        engine.shutdown()

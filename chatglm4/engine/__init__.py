@@ -74,6 +74,7 @@ class EngineStats:
     prefill_tokens: int = 0
     prefix_hit_tokens: int = 0
     steps: int = 0
+    prefill_chunks: int = 0  # forwards that computed part of a long prompt (chunked prefill)
 
 
 _END = object()

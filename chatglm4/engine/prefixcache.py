@@ -53,8 +53,9 @@ class PrefixCache:
                 return n, [(key[:, :, :n], value[:, :, :n]) for key, value in kv]
         return 0, None
 
-    def store(self, ids: list[int], layers: list[tuple[Any, Any]], row: int) -> None:
-        """Keeps the longest whole-block prefix of a just-prefilled prompt (row `row` of `layers`)."""
+    def store(self, ids: list[int], layers: list[tuple[Any, Any]], row: int, copy: bool = True) -> None:
+        """Keeps the longest whole-block prefix of a just-prefilled prompt (row `row` of `layers`);
+        copy=False when nothing else will write to `layers` (a chunked prompt's own cache)."""
         keys = block_keys(ids[:len(ids) - 1])
         n = len(keys) * BLOCK
         if not keys or n > self.max_tokens:
@@ -64,8 +65,9 @@ class PrefixCache:
             if found is not None and found[1] == n:
                 self._entries.move_to_end(found[0])
                 return
-        # Copies: the prefill tensors belong to a batch that will be freed or overwritten.
-        kv = [(k[row:row + 1, :, :n].clone(), v[row:row + 1, :, :n].clone()) for k, v in layers]
+        kv = [(k[row:row + 1, :, :n], v[row:row + 1, :, :n]) for k, v in layers]
+        if copy:  # a batched prefill's tensors hold every row of it: views would keep them all alive
+            kv = [(k.clone(), v.clone()) for k, v in kv]
         with self._lock:
             self._entries[keys[-1]] = (n, kv, keys)
             for i, key in enumerate(keys):

@@ -3,14 +3,24 @@
 One scheduler thread owns the model; callers enqueue requests and read deltas from their own stream,
 so the HTTP threads never touch torch. The queue is bounded: past it, `EngineBusy` at once.
 
-Each step of the loop reads like vLLM's: admit waiting requests (one batched prefill), run one
-decode forward for every running sequence, sample, decide with `check_stop` which sequences ended,
-and `_retire` the finished and cancelled rows."""
+Each step of the loop reads like vLLM's: admit waiting requests, run at most `prefill_chunk_tokens`
+prompt tokens of prefill, run one decode forward for every running sequence, sample, decide with
+`check_stop` which sequences ended, and `_retire` the finished and cancelled rows.
+
+While streams are decoding, prefill keeps to a per-step token budget (chunked prefill, vLLM's
+default): admitted prompts are taken in arrival order; those that fit whole are prefilled together in
+one batched forward, and the first that does not fit gets the rest of the budget as a chunk, its
+partial cache kept (`PromptKV`) until the next step. So a long prompt pauses the decoding streams by
+one chunk per step, not by its whole prefill, and joins the batch the step after its last. With no
+stream decoding there is nobody to pause: prompts are prefilled whole, as fast as they can be."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from typing import Any
@@ -26,6 +36,15 @@ log = logging.getLogger(__name__)
 # Below this a temperature divides logits into infinities: such requests are decoded greedily.
 GREEDY_BELOW = 1e-5
 
+# Prompt tokens prefilled per engine step while other streams decode. Each step then costs a chunk's
+# forward plus the decode forward: on 2 CPU cores with SmolLM2-135M a 64-token chunk takes 0.12 s at
+# the start of a 2,800-token prompt and 0.4 s at its end, a 4-row decode step 0.06-0.1 s, so the
+# streams pause at most about 0.5 s a step instead of once for the whole prefill (8-19 s), and the
+# prompt itself takes about twice as long to its first token (bench/prefill_gap.py). Smaller chunks
+# pause less but pay each forward's fixed cost more often; on a GPU, where that cost is small, use
+# hundreds.
+PREFILL_CHUNK_TOKENS = 64
+
 
 def check_stop(*, end_token: bool, stop_string: bool, grammar_done: bool, generated: int, max_tokens: int,
                total_tokens: int, context_length: int) -> FinishReason | None:
@@ -37,8 +56,33 @@ def check_stop(*, end_token: bool, stop_string: bool, grammar_done: bool, genera
     return None
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def _grouped_sdpa(on: bool):
+    """Within: transformers hands SDPA the key/value heads as they are (enable_gqa), for a prefill chunk.
+
+    Given a mask (ours always are) and several query tokens, transformers otherwise copies every
+    key/value head up to the query heads first; on CPU that copy of a long prompt's cache costs as
+    much as the attention (a 64-token chunk against 2,700 cached: 0.22 s with grouped heads, 0.24-0.36 s
+    without). Only for chunks: transformers already groups a decode step's single query token without
+    copying, while forcing this there copies the heads at every step (a 5-row step with one
+    2,800-token row: 3.5 s instead of 0.09 s whenever the allocator maps fresh pages for the copies).
+    (On CUDA a mask with grouped heads falls back to the slow math kernel: GPUs keep the copy.)
+    transformers reads the variable at every attention call; one set by the operator is left alone."""
+    if not on or _FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)
+
+
 class _Sequence:
-    """One request's decoding state inside the running batch."""
+    """One request's state: its prompt's prefill, then its decoding inside the running batch."""
 
     def __init__(self, stream: GenerationStream, tokenizer: Any):
         import torch
@@ -46,6 +90,12 @@ class _Sequence:
         self.stream = stream
         self.params = stream.params
         self.n_prompt = len(stream.prompt_ids)
+        # Prompt positions whose keys and values exist: a cached prefix (`prefix`, until the prefill
+        # starts), then the chunks computed so far (`kv`, while the prompt is prefilled in chunks).
+        self.computed = 0
+        self.prefix: list[tuple[Any, Any]] | None = None
+        self.kv: Any = None
+        self.last_logits: Any = None  # of the last chunk, until the sequence joins the batch
         self.generated = 0
         self.last_token = -1
         self.decoder = IncrementalDecoder(tokenizer)
@@ -71,17 +121,23 @@ class LocalEngine:
     whose own state breaks (its seed, sampling, grammar) fails alone while the batch goes on."""
 
     def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
-                 prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192):
+                 prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         from .batchkv import BatchKV
         from .prefixcache import PrefixCache
 
+        if prefill_chunk_tokens < 0:
+            raise ValueError("prefill_chunk_tokens must be 0 (whole prompts) or positive")
+        self._grouped_chunks = getattr(loaded.input_device, "type", str(loaded.input_device)) == "cpu"
         self.loaded = loaded
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
         # GLM-4 ends a tool call's turn with <|observation|>, a token of its own vocabulary.
         self.tool_dialect = "glm4" if "<|observation|>" in loaded.tokenizer.get_vocab() else None
         self.max_batch = max_batch
+        # Unchunked (0): every admitted prompt is prefilled whole, at most this many tokens a step.
         self.prefill_token_budget = prefill_token_budget
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
         self._grammar = None
         self._grammar_lock = threading.Lock()
@@ -90,9 +146,12 @@ class LocalEngine:
         self.observe_ttft: Any = None
         self._cache = BatchKV()
         self._batch: list[_Sequence] = []
+        # Admitted, in arrival order, and not yet in the batch: their prompts are being prefilled.
+        self._pending: list[_Sequence] = []
         self._running = 0
         self._tokens_generated = 0
         self._prefill_tokens = 0
+        self._prefill_chunks = 0
         self._steps = 0
         self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -140,7 +199,8 @@ class LocalEngine:
     def stats(self) -> EngineStats:
         return EngineStats(waiting=self._queue.qsize(), running=self._running,
                            tokens_generated=self._tokens_generated, prefill_tokens=self._prefill_tokens,
-                           prefix_hit_tokens=self._prefixes.hit_tokens, steps=self._steps)
+                           prefix_hit_tokens=self._prefixes.hit_tokens, steps=self._steps,
+                           prefill_chunks=self._prefill_chunks)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the scheduler; every stream still open (running or waiting) ends with EngineError."""
@@ -160,32 +220,32 @@ class LocalEngine:
         import torch
 
         while not self._stopping.is_set():
-            admitted: list[_Sequence] = []
             try:
-                admitted = self._admit(block=not self._batch)
+                self._admit(block=not self._batch and not self._pending)
                 with torch.inference_mode():
-                    if admitted:
-                        self._prefill(admitted)
+                    if self._pending:
+                        self._prefill_step()
                     if self._batch:
                         self._decode_step()
             except Exception as exc:  # a failure of the shared step: fail the batch, keep serving
                 log.exception("generation step failed")
-                failed = self._batch + [s for s in admitted if s not in self._batch]
+                failed = self._batch + [s for s in self._pending if s not in self._batch]
                 self._reset_batch()
                 for seq in failed:
                     seq.stream.fail(EngineError(f"generation failed: {exc}"))
-            self._running = len(self._batch)
+            self._running = len(self._batch) + len(self._pending)
         self._fail_all(EngineError("the model server is shutting down"))
 
     def _reset_batch(self) -> None:
         from .batchkv import BatchKV
 
         self._batch = []
+        self._pending = []
         self._cache = BatchKV()
 
     def _fail_all(self, error: EngineError) -> None:
         """Ends every running and waiting stream with `error`."""
-        for seq in self._batch:
+        for seq in self._batch + self._pending:
             if not seq.stream.done:
                 seq.stream.fail(error)
         while True:
@@ -196,11 +256,12 @@ class LocalEngine:
             if stream is not None and not stream.done:
                 stream.fail(error)
 
-    def _admit(self, block: bool) -> list[_Sequence]:
-        """Waiting requests that fit the batch and the prefill budget (waits for one when idle)."""
+    def _admit(self, block: bool) -> None:
+        """Moves waiting requests to `_pending` while the batch has room and this step's prefill
+        budget has tokens left over from the prompts already pending (waits for one when idle)."""
         admitted: list[_Sequence] = []
-        budget = self.prefill_token_budget
-        while len(self._batch) + len(admitted) < self.max_batch:
+        budget = self._step_budget(self.prefill_token_budget) - sum(s.n_prompt - s.computed for s in self._pending)
+        while len(self._batch) + len(self._pending) + len(admitted) < self.max_batch and budget > 0:
             try:
                 stream = self._queue.get(block=block and not admitted)
             except queue.Empty:
@@ -216,40 +277,78 @@ class LocalEngine:
                 log.warning("request refused at admission: %s", exc)
                 stream.fail(EngineError(f"cannot start this request: {exc}"))
                 continue
+            seq.computed, seq.prefix = self._prefixes.longest(stream.prompt_ids)
             admitted.append(seq)
-            budget -= len(stream.prompt_ids)
-            if budget <= 0:
-                break
-        self._running = len(self._batch) + len(admitted)
-        return admitted
+            budget -= seq.n_prompt - seq.computed
+        self._pending.extend(admitted)
+        self._running = len(self._batch) + len(self._pending)
+
+    def _prefill_step(self) -> None:
+        """This step's prefill: a prompt whose last chunk was computed joining the batch, or else
+        whole prompts that fit the budget, then at most one chunk."""
+        for seq in [s for s in self._pending if s.stream.abandoned()]:
+            self._pending.remove(seq)
+            seq.stream.put(seq.delta("", FinishReason.CANCELLED))
+        chunked = [s for s in self._pending if s.last_logits is not None]
+        if chunked:
+            # Joining widens every row's cache to the long prompt's length, which costs about as much
+            # as a chunk: it is a step's prefill work of its own, not an addition to the last chunk's.
+            for seq in chunked:
+                self._join_chunked(seq)
+            return
+        whole, chunk = self._plan()
+        for seq in whole:
+            self._pending.remove(seq)
+        if whole:
+            self._prefill(whole)
+        if chunk is not None:
+            self._prefill_chunk(*chunk)
+
+    def _step_budget(self, unchunked: int) -> int:
+        """Prompt tokens this step may prefill: the chunk budget while streams decode, else `unchunked`."""
+        return self.prefill_chunk_tokens if self.prefill_chunk_tokens and self._batch else unchunked
+
+    def _plan(self) -> tuple[list[_Sequence], tuple[_Sequence, int] | None]:
+        """Pending prompts in arrival order within the step's token budget: those that fit whole,
+        then (the first that does not fit, tokens of it to compute now), or None."""
+        budget = self._step_budget(sys.maxsize)
+        whole: list[_Sequence] = []
+        for seq in self._pending:
+            remaining = seq.n_prompt - seq.computed
+            if seq.kv is None and remaining <= budget:
+                whole.append(seq)
+                budget -= remaining
+                continue
+            # Arrival order, as in vLLM: a prompt being chunked keeps the budget until it is done, so
+            # no prompt waits forever behind a stream of shorter ones.
+            return whole, ((seq, min(remaining, budget)) if budget > 0 else None)
+        return whole, None
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Computes the new prompts' caches (reusing cached prefixes), adds them to the batch, emits
         their first tokens."""
         # Prompts whose cached prefixes have the same length (typically one shared system prompt;
         # 0 = nothing cached) share one forward over their remaining tokens.
-        groups: dict[int, list[tuple[_Sequence, list[tuple[Any, Any]] | None]]] = {}
+        groups: dict[int, list[_Sequence]] = {}
         for seq in seqs:
-            n, prefix = self._prefixes.longest(seq.stream.prompt_ids)
-            groups.setdefault(n, []).append((seq, prefix))
+            groups.setdefault(seq.computed, []).append(seq)
         for n, group in groups.items():
             try:
                 self._prefill_rows(n, group)
             except Exception as exc:  # this group's prompts alone: the running batch is untouched
                 log.exception("prefill failed")
-                for seq, _ in group:
+                for seq in group:
                     if seq in self._batch:
                         raise  # it failed after joining the batch: the shared state is suspect
                     seq.stream.fail(EngineError(f"generation failed: {exc}"))
 
-    def _prefill_rows(self, n: int, group: list[tuple[_Sequence, list[tuple[Any, Any]] | None]]) -> None:
+    def _prefill_rows(self, n: int, seqs: list[_Sequence]) -> None:
         """Prefills prompts whose first n tokens are cached (n = 0: none): their remaining tokens are
         right-padded into one batch; the cached prefixes seed the cache."""
         import torch
         from transformers import DynamicCache
 
         device = self.loaded.input_device
-        seqs = [seq for seq, _ in group]
         lengths = [len(s.stream.prompt_ids) for s in seqs]
         width = max(lengths) - n
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -260,20 +359,69 @@ class LocalEngine:
             mask[i, :lengths[i]] = 1
         cache = DynamicCache(config=self.loaded.model.config)
         if n:
-            prefixes = [prefix for _, prefix in group]
+            prefixes = [s.prefix for s in seqs]
             for layer_idx in range(len(prefixes[0])):
                 cache.update(torch.cat([p[layer_idx][0] for p in prefixes]),
                              torch.cat([p[layer_idx][1] for p in prefixes]), layer_idx)
+        for s in seqs:
+            s.prefix = None
+        last = torch.tensor([length - n - 1 for length in lengths])
+        # Logits of each row's last prompt token only: all of them would be [rows, width, vocab].
         out = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
-                                past_key_values=cache, use_cache=True)
+                                past_key_values=cache, use_cache=True, logits_to_keep=last[:, None].to(device))
         self._prefill_tokens += sum(lengths) - n * len(seqs)
-        last = torch.tensor([length - n - 1 for length in lengths])
-        logits = out.logits[torch.arange(len(seqs)), last.to(out.logits.device), :].float().cpu()  # [rows, vocab]
+        logits = out.logits[:, -1, :].float().cpu()  # [rows, vocab]
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for i, s in enumerate(seqs):
             self._prefixes.store(s.stream.prompt_ids, layers, i)
         self._join(seqs, layers, lengths, logits)
+
+    def _prefill_chunk(self, seq: _Sequence, tokens: int) -> None:
+        """Computes the next `tokens` prompt tokens of `seq` into its own cache (after the last chunk,
+        the logits of its first token too). A failure fails this request alone."""
+        try:
+            self._compute_chunk(seq, tokens)
+        except Exception as exc:  # its own prompt or cache: the running batch is untouched
+            log.exception("prefill failed")
+            self._pending.remove(seq)
+            seq.kv = None
+            seq.stream.fail(EngineError(f"generation failed: {exc}"))
+
+    def _compute_chunk(self, seq: _Sequence, tokens: int) -> None:
+        import torch
+        from .batchkv import PromptKV
+
+        model, device = self.loaded.model, self.loaded.input_device
+        if seq.kv is None:
+            seq.kv, seq.prefix = PromptKV(seq.n_prompt, seq.prefix), None
+        kv = seq.kv
+        start, end = kv.length, kv.length + tokens
+        ids = torch.tensor([seq.stream.prompt_ids[start:end]], device=device)
+        mask = kv.chunk_mask(tokens, model.config._attn_implementation, model.dtype, device)
+        with _grouped_sdpa(self._grouped_chunks):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(start, end, device=device)[None, :],
+                        past_key_values=kv, use_cache=True, logits_to_keep=1)
+        kv.length = seq.computed = end
+        self._prefill_tokens += tokens
+        self._prefill_chunks += 1
+        if end == seq.n_prompt:
+            seq.last_logits = out.logits[:, -1, :].float().cpu()  # [1, vocab]
+
+    def _join_chunked(self, seq: _Sequence) -> None:
+        """Moves a prompt whose chunks are all computed into the batch, with its first token."""
+        self._pending.remove(seq)
+        try:
+            layers = seq.kv.layers()
+            self._prefixes.store(seq.stream.prompt_ids, layers, 0, copy=False)  # the cache is dropped below
+            self._join([seq], layers, [seq.n_prompt], seq.last_logits)
+        except Exception as exc:  # before it joined: this request alone
+            if seq in self._batch:
+                raise  # it failed after joining the batch: the shared state is suspect
+            log.exception("prefill failed")
+            seq.stream.fail(EngineError(f"generation failed: {exc}"))
+        finally:
+            seq.kv = seq.last_logits = None
 
     def _join(self, seqs: list[_Sequence], layers: list[tuple[Any, Any]], lengths: list[int], logits: Any) -> None:
         self._cache.add(layers, lengths)

@@ -2,6 +2,7 @@
 template tasks.
 
     python LLMapis.py --model PATH --port 8001
+    python LLMapis.py --engine-url http://VLLM_HOST:8000/v1 --port 8001   # loads no model
 
 The port is bound first and the model loaded after, so /health answers 503 "loading" until the
 model is ready. Internal: the gateway (serveapi.py) is the public face."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from typing import Any, Iterator
 
 from flask import Flask, Response, jsonify, request
@@ -19,6 +21,7 @@ from chatglm4 import config as cfg
 from chatglm4 import drain as draining
 from chatglm4 import errors, headers, sse
 from chatglm4.engine import EngineBusy, EngineError, EngineStats, GenerationStream, SchemaError
+from chatglm4.engine.remote import EngineUnavailable, UpstreamRejected
 from chatglm4.engine.modelload import default_served_name
 from chatglm4.metrics import Metrics
 from chatglm4.prompts import TemplateError
@@ -67,6 +70,8 @@ ERRORS = {
     ToolsInvalid: lambda exc: errors.BadRequest(str(exc), code="invalid_tools"),
     TaskNotFound: lambda exc: errors.NotFound(str(exc)),
     EngineBusy: lambda exc: errors.Unavailable(str(exc), retry_after=1, code="queue_full"),
+    EngineUnavailable: lambda exc: errors.Unavailable(str(exc), retry_after=5, code="model_server_unavailable"),
+    UpstreamRejected: lambda exc: errors.BadRequest(str(exc), code="upstream_rejected"),
     EngineError: lambda exc: errors.APIError(str(exc)),
     TemplateError: _misconfigured,
 }
@@ -160,7 +165,8 @@ def create_app(state: ServerState) -> Flask:
 
     @app.get("/v1/models")
     def models():
-        card = ModelCard(id=state.model_name, created=state.created)
+        card = ModelCard(id=state.model_name, created=state.created,
+                         max_model_len=state.kernel.engine.context_length if state.kernel else None)
         return jsonify(ModelList(data=[card]).model_dump())
 
     @app.post("/tasks/<name>")
@@ -176,9 +182,16 @@ def create_app(state: ServerState) -> Flask:
             resp.headers["Retry-After"] = "5"
             return resp
         stats = state.stats()
-        return jsonify({"status": "ok", "detail": {"model": state.model_name,
-                                                   "context_length": state.kernel.engine.context_length,
-                                                   "waiting": stats.waiting, "running": stats.running}})
+        detail = {"model": state.model_name, "context_length": state.kernel.engine.context_length,
+                  "waiting": stats.waiting, "running": stats.running}
+        # A remote engine's server can be down or loading while we are up: say so, as it is.
+        upstream = state.kernel.engine.health() if hasattr(state.kernel.engine, "health") else {"status": "ok"}
+        if upstream["status"] != "ok":
+            resp = jsonify({"status": upstream["status"], "detail": {**detail, "engine": upstream}})
+            resp.status_code = 503
+            resp.headers["Retry-After"] = "5"
+            return resp
+        return jsonify({"status": "ok", "detail": detail})
 
     return app
 
@@ -243,6 +256,26 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
     return kernel
 
 
+def load_remote_kernel(config: cfg.ModelServerConfig, state: ServerState | None = None) -> Kernel:
+    """A kernel over the OpenAI-compatible server at config.engine_url (no model is loaded here);
+    waits for that server to list its model, so /health says "loading" until then."""
+    from chatglm4.engine import remote
+
+    tokenizer = remote.load_tokenizer(config.tokenizer) if config.tokenizer else None
+    while True:
+        try:
+            engine = remote.RemoteEngine(config.engine_url, context_length=config.max_context or None,
+                                         tokenizer=tokenizer)
+            break
+        except EngineBusy as exc:
+            log.warning("%s; trying again in 2 s", exc)
+            time.sleep(2)
+    if state is not None and not config.served_model_name:
+        state.model_name = engine.model
+    return Kernel(engine, default_max_tokens=config.default_max_tokens,
+                  default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
+
+
 def load_in_background(config: cfg.ModelServerConfig, state: ServerState,
                        kernel_factory: Any = load_kernel) -> threading.Thread:
     """Loads the kernel into `state` on a thread; any failure becomes state.load_error (and /health
@@ -284,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     except cfg.ConfigError as exc:
         log.error("%s", exc)
         return 2
-    state = ServerState(config.served_model_name or default_served_name(config.model))
+    if config.engine_url:
+        state = ServerState(config.served_model_name or "remote")
+        factory: Any = lambda c: load_remote_kernel(c, state)
+    else:
+        state = ServerState(config.served_model_name or default_served_name(config.model))
+        factory = load_kernel
     try:
-        serve(config, state)
+        serve(config, state, factory)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return 1

@@ -30,6 +30,8 @@ def _search_candidates() -> Any:
 @dataclass(frozen=True)
 class ModelServerConfig:
     model: str | None = setting(None, "MODEL", "local model folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    engine_url: str | None = setting(None, "ENGINE_URL", "delegate generation to the OpenAI-compatible server at this URL (vLLM, SGLang, llama.cpp, another model server) and load no model")
+    tokenizer: str | None = setting(None, "TOKENIZER", "with engine_url: local folder of the served model's tokenizer, for exact prompt lengths; default: the engine's /tokenize, else an estimate")
     host: str = setting("127.0.0.1", "MODEL_SERVER_HOST", "address to bind")
     port: int = setting(8001, "MODEL_SERVER_PORT", "port to bind")
     dtype: str = setting("auto", "DTYPE", "auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16")
@@ -148,6 +150,12 @@ def validate(config: Any) -> None:
             parse_gpus(config.gpus)
         except ModelLoadError as exc:
             raise ConfigError(str(exc)) from None
+        if config.engine_url and config.model:
+            raise ConfigError("give model or engine_url, not both")
+        if config.engine_url and not config.engine_url.startswith(("http://", "https://")):
+            raise ConfigError(f"engine URL {config.engine_url!r} must start with http:// or https://")
+        if config.tokenizer and not os.path.isdir(config.tokenizer):
+            raise ConfigError(f"tokenizer folder {config.tokenizer!r} does not exist")
         if config.model and not os.path.exists(config.model):
             raise ConfigError(f"model path {config.model!r} does not exist (download it with download.py)")
     if isinstance(config, GatewayConfig):

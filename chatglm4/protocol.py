@@ -338,6 +338,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "chatglm4-web"
+    # vLLM's field: the context the model is served with (absent while it loads)
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

@@ -9,6 +9,9 @@ A *dialect* is how a model writes a call:
 - `tagged`, for models whose template has no tools (the embedded SmolLM2): a system prompt from
   `templates/tools.system.j2` lists them, and a call is
   `<tool_call>\\n{"name": "...", "arguments": {...}}\\n</tool_call>`; results come back in a user turn.
+- `openai`, for an engine that is itself an OpenAI-compatible server (`engine/remote.py`): messages
+  keep OpenAI's shape, the tools and `tool_choice` travel as request fields, and the calls the
+  server returns are written into the reply in the tagged form, which is how they are read back.
 
 Validity comes from the grammar, not from parsing luck: with `tool_choice` "auto" the reply is free
 text until the model writes a call's opening (the trigger), after which the call's name must be one
@@ -42,7 +45,8 @@ GLM4 = Dialect("glm4", begin=lambda name: f"{name}\n", end="", trigger=lambda na
                native=True)
 TAGGED = Dialect("tagged", begin=lambda name: '<tool_call>\n{"name": ' + json.dumps(name) + ', "arguments": ',
                  end="}\n</tool_call>", trigger=lambda name: "<tool_call>", one_call=False, native=False)
-DIALECTS = {d.name: d for d in (GLM4, TAGGED)}
+OPENAI = Dialect("openai", begin=TAGGED.begin, end=TAGGED.end, trigger=TAGGED.trigger, one_call=False, native=True)
+DIALECTS = {d.name: d for d in (GLM4, TAGGED, OPENAI)}
 
 
 def dialect_for(native: str | None) -> Dialect:
@@ -56,6 +60,8 @@ def dialect_for(native: str | None) -> Dialect:
 def prompt_messages(messages: list[dict], tools: list[ToolSpec] | None, dialect: Dialect) -> list[dict]:
     """OpenAI messages (assistant `tool_calls`, `tool` results) in the form the dialect's prompt
     takes; `tools` (None: the request offers none) are shown to the model."""
+    if dialect is OPENAI:
+        return messages  # the server renders them with its own template
     if dialect is GLM4:
         return _glm4_messages(messages)  # the template lists the tools: see `with_tools`
     out = _tagged_messages(messages)
@@ -114,7 +120,11 @@ def _tagged_messages(messages: list[dict]) -> list[dict]:
 
 def structural_tag(tools: list[ToolSpec], choice: Any, parallel: bool, dialect: Dialect) -> dict:
     """The xgrammar structural tag for a reply that may ("auto") or must ("required", a named tool)
-    call the offered tools."""
+    call the offered tools. For the `openai` dialect, the request's own fields, which the server
+    enforces."""
+    if dialect is OPENAI:
+        return {"type": "openai_tools", "parallel_tool_calls": parallel,
+                "tool_choice": choice.model_dump() if isinstance(choice, NamedToolChoice) else choice}
     offered = tools
     if isinstance(choice, NamedToolChoice):
         offered = [t for t in tools if t.function.name == choice.function.name]

@@ -33,7 +33,7 @@ from chatglm4.protocol import (AddBooksRequest, AddBooksResponse, ApiChatRequest
                                ChatCompletionRequest, ChatCompletionResponse, HealthResponse, ImportResponse,
                                ModelList, SearchProgress)
 from chatglm4.searchindex import CatalogueIndex, FusionSettings
-from chatglm4.upstream import ModelServerPool
+from chatglm4.upstream import ModelServerPool, PoolCollector, conversation_key
 from chatglm4.vectors import EmbeddingCache
 from chatglm4.wsgi import make_server
 
@@ -78,6 +78,7 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
     catalogue = catalogue or Catalogue(config.database_url, seed_titles=load_seed_titles())
     pool = pool or ModelServerPool(cfg.model_server_urls(config), connect_timeout=config.connect_timeout,
                                    read_timeout=config.upstream_timeout)
+    metrics.registry.register(PoolCollector(pool))
     index = build_index(config, catalogue)
     search = BookSearch(catalogue, pool, index, candidates=config.search_candidates,
                         model_choice=config.search_model_choice == "on")
@@ -136,8 +137,12 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
 
     # ------------------------------------------------------------ model routes
 
-    def relay_stream(payload: dict, path: str = "/v1/chat/completions") -> Response:
-        upstream = pool.request("POST", path, json=payload, stream=True)
+    def affinity(messages: list[dict]) -> str:
+        """Which conversation this is, so it stays on one replica (and its cached prefix)."""
+        return request.headers.get("X-Session-ID") or conversation_key(messages)
+
+    def relay_stream(payload: dict, path: str = "/v1/chat/completions", key: str | None = None) -> Response:
+        upstream = pool.request("POST", path, json=payload, stream=True, affinity=key)
         return Response(_relay(upstream), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
 
     @api.route(Route("POST", "/v1/chat/completions", "OpenAI chat completion (stream true or false)",
@@ -145,9 +150,10 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
     def chat_completions():
         chat = errors.parse(ChatCompletionRequest, request)
         payload = chat.model_dump(exclude_none=True, by_alias=True)
+        key = affinity(payload["messages"])
         if chat.stream:
-            return relay_stream(payload)
-        resp = pool.request("POST", "/v1/chat/completions", json=payload)
+            return relay_stream(payload, key=key)
+        resp = pool.request("POST", "/v1/chat/completions", json=payload, affinity=key)
         return Response(resp.content, status=resp.status_code, mimetype="application/json")
 
     @api.route(Route("POST", "/v1/completions", "OpenAI text completion: plain prompt(s) in, text out (stream true "
@@ -176,9 +182,11 @@ def create_app(config: cfg.GatewayConfig, catalogue: Catalogue | None = None,
             "messages": messages, "stream": body.stream, "max_tokens": body.max_tokens,
             "temperature": body.temperature, "stream_options": {"include_usage": True} if body.stream else None})
         payload = chat.model_dump(exclude_none=True, by_alias=True)
+        key = affinity(payload["messages"])
         if body.stream:
-            return relay_stream(payload)
-        answer = ChatCompletionResponse.model_validate(pool.request("POST", "/v1/chat/completions", json=payload).json())
+            return relay_stream(payload, key=key)
+        answer = ChatCompletionResponse.model_validate(
+            pool.request("POST", "/v1/chat/completions", json=payload, affinity=key).json())
         return jsonify(ApiChatResponse(respond=answer.choices[0].message.content, usage=answer.usage).model_dump())
 
     @api.route(Route("POST", "/api/books/search", "book search over the catalogue", BookSearchRequest,
@@ -344,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         draining.serve(server, drain, "gateway")
     finally:
         app.extensions["chatglm4"]["index"].close()
+        app.extensions["chatglm4"]["pool"].close()
     log.info("stopped")
     return 0
 

@@ -82,6 +82,9 @@ class ServerThread:
         index = getattr(self.app, "extensions", {}).get("chatglm4", {}).get("index")
         if index is not None:
             index.close()
+        pool = getattr(self.app, "extensions", {}).get("chatglm4", {}).get("pool")
+        if pool is not None:
+            pool.close()
 
 
 @pytest.fixture(scope="session")

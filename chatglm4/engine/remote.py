@@ -317,6 +317,7 @@ class RemoteEngine:
             stream.put(Delta("", finish, prompt_tokens, completion))
         except (requests.RequestException, ValueError, EngineError) as exc:
             log.warning("remote stream failed: %s", exc)
+            self._health = None  # a broken stream may mean a dead upstream: /health asks again
             stream.fail(exc if isinstance(exc, EngineError) else EngineError(f"the engine's stream broke ({type(exc).__name__})"))
         finally:
             resp.close()

@@ -264,8 +264,8 @@ def load_remote_kernel(config: cfg.ModelServerConfig, state: ServerState | None 
     tokenizer = remote.load_tokenizer(config.tokenizer) if config.tokenizer else None
     while True:
         try:
-            engine = remote.RemoteEngine(config.engine_url, context_length=config.max_context or None,
-                                         tokenizer=tokenizer)
+            engine = remote.RemoteEngine(config.engine_url, model=config.engine_model,
+                                         context_length=config.max_context or None, tokenizer=tokenizer)
             break
         except EngineBusy as exc:
             log.warning("%s; trying again in 2 s", exc)

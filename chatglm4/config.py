@@ -31,6 +31,7 @@ def _search_candidates() -> Any:
 class ModelServerConfig:
     model: str | None = setting(None, "MODEL", "local model folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     engine_url: str | None = setting(None, "ENGINE_URL", "delegate generation to the OpenAI-compatible server at this URL (vLLM, SGLang, llama.cpp, another model server) and load no model")
+    engine_model: str | None = setting(None, "ENGINE_MODEL", "with engine_url: the model id to ask the engine for; default: the first its /v1/models lists")
     tokenizer: str | None = setting(None, "TOKENIZER", "with engine_url: local folder of the served model's tokenizer, for exact prompt lengths; default: the engine's /tokenize, else an estimate")
     host: str = setting("127.0.0.1", "MODEL_SERVER_HOST", "address to bind")
     port: int = setting(8001, "MODEL_SERVER_PORT", "port to bind")

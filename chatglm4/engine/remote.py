@@ -104,7 +104,7 @@ class RemoteEngine:
         self._prompted = 0
         self._closed = False
         self._health: tuple[float, dict] | None = None
-        card = self._model_card()
+        card = self._model_card(required=model is None)
         self.model = model or card["id"]
         self.context_length = context_length or card.get("max_model_len") or self._context_from_health() \
             or DEFAULT_CONTEXT
@@ -116,7 +116,9 @@ class RemoteEngine:
 
     # ------------------------------------------------------------ discovery
 
-    def _model_card(self) -> dict:
+    def _model_card(self, required: bool = True) -> dict:
+        """The first model the upstream lists ({} when it lists none and one was named for us:
+        `transformers serve MODEL` lists only what is in the hub cache)."""
         try:
             resp = self.session.get(self.root + "/v1/models", timeout=(self.timeout[0], 10))
         except requests.RequestException as exc:
@@ -126,6 +128,8 @@ class RemoteEngine:
         try:
             return resp.json()["data"][0]
         except (ValueError, KeyError, IndexError, TypeError):
+            if not required:
+                return {}
             raise EngineError(f"the engine at {self.root} lists no model") from None
 
     def _context_from_health(self) -> int | None:

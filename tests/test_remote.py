@@ -193,6 +193,25 @@ def test_upstream_killed_mid_stream_ends_with_an_error_frame(kernel, serve):
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_server_unavailable"
 
 
+def test_request_body_carries_penalties_and_bias_only_when_set(remote):
+    from chatglm4.engine import SamplingParams
+    from chatglm4.engine.remote import ChatPrompt
+
+    engine = remote.state.kernel.engine
+    prompt = ChatPrompt(3, ask("hi"), None)
+    path, plain = engine._request_body(prompt, SamplingParams(max_tokens=5))
+    assert path == "/v1/chat/completions" and plain["messages"] == ask("hi") and plain["max_tokens"] == 5
+    assert not {"presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop"} & set(plain)
+    params = SamplingParams(max_tokens=5, stop=["\n"])
+    params.presence_penalty, params.repetition_penalty, params.logit_bias = 0.5, 1.1, {42: -100.0}
+    _, body = engine._request_body(prompt, params)
+    assert body["presence_penalty"] == 0.5 and body["repetition_penalty"] == 1.1
+    assert body["logit_bias"] == {"42": -100.0} and body["stop"] == ["\n"]
+    grammar = engine.compile_json_schema({"type": "object"})
+    _, constrained = engine._request_body(prompt, SamplingParams(max_tokens=5, grammar=grammar))
+    assert constrained["response_format"]["type"] == "json_schema" and "guided_json" not in constrained
+
+
 def test_api_root_takes_the_url_with_or_without_v1():
     assert api_root("http://h:8000/v1") == api_root("http://h:8000/v1/") == api_root("http://h:8000") == "http://h:8000"
 

@@ -267,6 +267,15 @@ class RemoteEngine:
             body["ignore_eos"] = True
         if params.min_tokens:
             body["min_tokens"] = params.min_tokens
+        # Penalties and logit bias, under OpenAI's names (repetition_penalty: vLLM's and SGLang's), sent
+        # only when set; read with getattr, as not every SamplingParams carries them.
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name, 0.0):
+                body[name] = getattr(params, name)
+        if getattr(params, "repetition_penalty", None) not in (None, 1.0):
+            body["repetition_penalty"] = params.repetition_penalty
+        if getattr(params, "logit_bias", None):
+            body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
         if isinstance(prompt, TextPrompt):
             return "/v1/completions", {**body, "prompt": prompt.text}
         if not isinstance(prompt, ChatPrompt):

@@ -27,8 +27,8 @@ from chatglm4.metrics import Metrics
 from chatglm4.prompts import TemplateError
 from chatglm4.servermetrics import EngineMetrics
 from chatglm4.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
-                               CompletionChoice, CompletionRequest, CompletionResponse, FunctionCall, ModelCard,
-                               ModelList, ToolCall, Usage, completion_id, now)
+                               ChoiceLogprobs, CompletionChoice, CompletionRequest, CompletionResponse, FunctionCall,
+                               ModelCard, ModelList, TokenLogprob, ToolCall, TopLogprob, Usage, completion_id, now)
 from chatglm4.toolcalls import ToolCallParser, finish_reason, split_reply
 from chatglm4.wsgi import make_server
 from LLMkernel import Kernel, RequestTooLong, TaskNotFound, ToolsInvalid
@@ -111,25 +111,32 @@ def create_app(state: ServerState) -> Flask:
     def chat_completions():
         chat = errors.parse(ChatCompletionRequest, request)
         kernel = state.require_kernel()
-        stream = kernel.chat(chat)
-        tools = kernel.tool_parser(chat)
+        streams = kernel.chat_choices(chat)
         # waitress keeps reading the socket while we generate (channel_request_lookahead), so it can
         # tell us when the client has gone: its generation is then cancelled, streamed or not.
-        stream.client_gone = request.environ.get("waitress.client_disconnected")
+        gone = request.environ.get("waitress.client_disconnected")
+        for stream in streams:
+            stream.client_gone = gone
         cid, created = completion_id(), now()
+        logprobs = _logprob_reader(kernel) if chat.logprobs else None
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return Response(_cancel_on_close(stream, sse.chat_chunks(
-                _timed(stream, engine_metrics), id=cid, created=created, model=state.model_name,
-                include_usage=include_usage, tools=tools)), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+            # The n choices are generated together; each is sent whole in turn (chunks carry `index`).
+            frames = sse.chat_chunks([_timed(s, engine_metrics) for s in streams], id=cid, created=created,
+                                     model=state.model_name, include_usage=include_usage,
+                                     tools=lambda: kernel.tool_parser(chat), logprobs=logprobs)
+            return Response(_cancel_all_on_close(streams, frames), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
         try:
-            result = stream.collect()
+            results = [s.collect() for s in streams]
         finally:
-            stream.cancel()
-        engine_metrics.finished(stream.submitted_at, stream.first_token_at, result.completion_tokens)
-        body = ChatCompletionResponse(id=cid, created=created, model=state.model_name,
-                                      usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-                                      choices=[_choice(result.text, str(result.finish_reason), tools)])
+            for s in streams:
+                s.cancel()
+        for s, r in zip(streams, results):
+            engine_metrics.finished(s.submitted_at, s.first_token_at, r.completion_tokens)
+        choices = [_choice(i, r.text, str(r.finish_reason), kernel.tool_parser(chat),
+                           logprobs(r.logprobs or []) if logprobs else None) for i, r in enumerate(results)]
+        usage = Usage.of(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+        body = ChatCompletionResponse(id=cid, created=created, model=state.model_name, usage=usage, choices=choices)
         return jsonify(body.model_dump(exclude_none=True))
 
     @app.post("/v1/completions")
@@ -196,16 +203,36 @@ def create_app(state: ServerState) -> Flask:
     return app
 
 
-def _choice(text: str, finish: str, tools: ToolCallParser | None) -> Choice:
-    """The reply as OpenAI's choice: its text, or its content and tool calls."""
+def _logprob_reader(kernel: Kernel) -> Any:
+    """Engine log-probability entries -> OpenAI's `logprobs` of a choice (tokens as text)."""
+    tokenizer = kernel.engine.tokenizer
+
+    def text(token: int) -> tuple[str, list[int]]:
+        piece = tokenizer.decode([token])
+        return piece, list(piece.encode("utf-8"))
+
+    def read(entries: list) -> ChoiceLogprobs:
+        content = []
+        for token, logprob, top in entries:
+            piece, raw = text(token)
+            content.append(TokenLogprob(token=piece, logprob=logprob, bytes=raw, top_logprobs=[
+                TopLogprob(token=t, logprob=lp, bytes=b) for t, b, lp in ((*text(i), lp) for i, lp in top)]))
+        return ChoiceLogprobs(content=content)
+
+    return read
+
+
+def _choice(index: int, text: str, finish: str, tools: ToolCallParser | None,
+            logprobs: ChoiceLogprobs | None = None) -> Choice:
+    """A reply as OpenAI's choice: its text, or its content and tool calls."""
     if tools is None:
-        return Choice(message=AssistantMessage(content=text), finish_reason=finish)
+        return Choice(index=index, message=AssistantMessage(content=text), finish_reason=finish, logprobs=logprobs)
     content, calls = split_reply(text, tools.names, tools.dialect, cut=finish == "length")
     # A call cut off by max_tokens is left out: every call returned parses (finish_reason "length"
     # says the reply was cut).
     message = AssistantMessage(content=content.strip() or None, tool_calls=[
         ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls if c.closed] or None)
-    return Choice(message=message, finish_reason=finish_reason(finish, calls))
+    return Choice(index=index, message=message, finish_reason=finish_reason(finish, calls), logprobs=logprobs)
 
 
 def _timed(stream: GenerationStream, engine_metrics: EngineMetrics) -> Iterator[Any]:
@@ -220,19 +247,12 @@ def _timed(stream: GenerationStream, engine_metrics: EngineMetrics) -> Iterator[
 
 
 def _cancel_all_on_close(streams: list[GenerationStream], frames: Iterator[bytes]) -> Iterator[bytes]:
+    """Relays frames; a client that goes away cancels its generations (the WSGI server closes us)."""
     try:
         yield from frames
     finally:
         for stream in streams:
             stream.cancel()
-
-
-def _cancel_on_close(stream: GenerationStream, frames: Iterator[bytes]) -> Iterator[bytes]:
-    """Relays frames; a client that goes away cancels its generation (the WSGI server closes us)."""
-    try:
-        yield from frames
-    finally:
-        stream.cancel()
 
 
 def load_kernel(config: cfg.ModelServerConfig) -> Kernel:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from chatglm4 import book_task, toolcalls
 from chatglm4.conversation import ContextOverflow, fit_conversation
-from chatglm4.engine import Engine, GenerationStream, SamplingParams
+from chatglm4.engine import Engine, GenerationStream, SamplingParams, gendefaults
 from chatglm4.prompts import render
 from chatglm4.protocol import (BookSearchTaskRequest, BookSearchTaskResponse, ChatCompletionRequest, CompletionRequest,
                                Usage)
@@ -87,18 +87,30 @@ def completion_budget(asked: int | None, default_max_tokens: int, context: int) 
 class Kernel:
     """Chat and template tasks over one engine."""
 
-    def __init__(self, engine: Engine, *, default_max_tokens: int = 512, default_temperature: float = 0.7,
+    def __init__(self, engine: Engine, *, default_max_tokens: int = 512, default_temperature: float | None = None,
                  candidate_limit: int = 8):
         self.engine = engine
         self.default_max_tokens = default_max_tokens
+        # None: the model's own (generation_config.json), else ours (engine/gendefaults.py).
         self.default_temperature = default_temperature
         self.candidate_limit = candidate_limit
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """What a request leaves unset: the operator's setting, else the model's, else ours."""
+        defaults = {**gendefaults.BUILT_IN, **(getattr(self.engine, "generation_defaults", None) or {})}
+        if self.default_temperature is not None:
+            defaults["temperature"] = self.default_temperature
+        return defaults
 
     # ------------------------------------------------------------ chat
 
     def chat(self, request: ChatCompletionRequest) -> GenerationStream:
-        """Starts generating a reply; the oldest turns are dropped if the conversation is too long.
-        With tools, read the reply through `tool_parser(request)`."""
+        """Starts generating a reply (the first, for n > 1: see `chat_choices`)."""
+        return self.chat_choices(request)[0]
+
+    def chat_choices(self, request: ChatCompletionRequest) -> list[GenerationStream]:
+        """Starts generating the request's n replies, together in the batch; the oldest turns are
+        dropped if the conversation is too long. With tools, read each through `tool_parser(request)`."""
         problem = request.tool_problem()
         if problem:
             raise ToolsInvalid(problem)
@@ -118,9 +130,9 @@ class Kernel:
             _, prompt_ids = fit_conversation(messages, encode, context - budget)
         except ContextOverflow as exc:
             raise RequestTooLong(str(exc)) from None
-        params = request.to_sampling_params(max_tokens=budget, default_temperature=self.default_temperature,
-                                            grammar=self._grammar(request, dialect))
-        return self.engine.generate(prompt_ids, params)
+        grammar = self._grammar(request, dialect)
+        return self._start([(prompt_ids, request.to_sampling_params(
+            max_tokens=budget, defaults=self.sampling_defaults(), grammar=grammar, choice=i)) for i in range(request.n)])
 
     def complete(self, request: CompletionRequest) -> list[GenerationStream]:
         """Starts one plain-text continuation per prompt (generated together, in one batch)."""
@@ -131,13 +143,19 @@ class Kernel:
             if len(ids) + budget > context:
                 raise RequestTooLong(f"the prompt needs {len(ids)} tokens and max_tokens {budget} more, over the "
                                      f"model's context of {context}")
-        params = request.to_sampling_params(max_tokens=budget, default_temperature=self.default_temperature)
+        defaults = self.sampling_defaults()
+        # OpenAI's order: each prompt's n choices in turn.
+        return self._start([(ids, request.to_sampling_params(max_tokens=budget, defaults=defaults, choice=i))
+                            for ids in prompts for i in range(request.n)])
+
+    def _start(self, work: list[tuple[list[int], SamplingParams]]) -> list[GenerationStream]:
+        """One stream per (prompt, params), all or none: a busy engine refuses the whole request."""
         streams: list[GenerationStream] = []
         try:
-            for ids in prompts:
+            for ids, params in work:
                 streams.append(self.engine.generate(ids, params))
         except BaseException:
-            for stream in streams:  # all or none: a busy engine refuses the whole request
+            for stream in streams:
                 stream.cancel()
             raise
         return streams

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator,
+                      model_validator)
 
 # ---------------------------------------------------------------- OpenAI chat completions
 
@@ -142,23 +143,46 @@ class StreamOptions(BaseModel):
 StopString = Annotated[str, StringConstraints(min_length=1)]
 
 
+def _token_ids(bias: dict[str, float]) -> dict[str, float]:
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise ValueError(f"logit_bias keys are token ids, not {key!r}")
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias values lie in -100..100, not {value}")
+    return bias
+
+
+# Declared with patternProperties, which request generators (schemathesis) honour where pydantic's
+# propertyNames is skipped; checked by _token_ids.
+LogitBias = Annotated[dict[str, float], AfterValidator(_token_ids), WithJsonSchema({
+    "type": "object", "maxProperties": 300, "additionalProperties": False,
+    "patternProperties": {"^[0-9]{1,9}$": {"type": "number", "minimum": -100, "maximum": 100}}})]
+# Choices of one request (`n`), generated together in the batch.
+MAX_CHOICES = 16
+
+
 class SamplingFields(BaseModel):
     """What both completion routes take to sample a reply."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    # Unset: the model's own default (its generation_config.json), as vLLM does.
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Choices generated together (a seed gives choice i the seed + i).
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(default=None,
                                                                                         validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # torch seeds generators with any 64-bit value, signed or not.
     seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1)
-    # Accepted for compatibility with OpenAI clients; they do not change sampling here.
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # The GLM and transformers demos' penalty (1 = off); unset: the model's default.
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    # Token id (as a string, as OpenAI sends it) -> a bias added to its logit.
+    logit_bias: LogitBias | None = None
     user: str | None = None
     # vLLM extensions, so benchmarks can force equal work.
     ignore_eos: bool = False
@@ -177,22 +201,35 @@ class SamplingFields(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def to_sampling_params(self, *, max_tokens: int, default_temperature: float, grammar: Any = None) -> Any:
-        """The engine's SamplingParams for this request (max_tokens decided by the caller's budget)."""
+    def logprobs_asked(self) -> int | None:
+        """How many likeliest tokens to report beside each chosen one; None: no log-probabilities."""
+        return None
+
+    def to_sampling_params(self, *, max_tokens: int, defaults: dict[str, float], grammar: Any = None,
+                           choice: int = 0) -> Any:
+        """The engine's SamplingParams for choice `choice` of this request (max_tokens decided by the
+        caller's budget; `defaults` for what the request leaves unset)."""
         # Imported here: the engine package is light, but the gateway has no use for it.
         from .engine.sampling import SamplingParams
 
+        def pick(name: str) -> float:
+            value = getattr(self, name)
+            return defaults[name] if value is None else value
+
         return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=default_temperature if self.temperature is None else self.temperature,
-            top_p=self.top_p, stop=list(self.stop), seed=self.seed, ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, grammar=grammar)
+            max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), stop=list(self.stop),
+            seed=None if self.seed is None else (self.seed + choice) % 2 ** 64, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, grammar=grammar, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty"),
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, logprobs=self.logprobs_asked())
 
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions on both servers."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = Field(default=None, min_length=1, max_length=64)
@@ -221,6 +258,9 @@ class ChatCompletionRequest(SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -270,10 +310,25 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -310,6 +365,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .errors import GenerationFailed, error_body
 from .protocol import (ChatCompletionChunk, ChunkChoice, CompletionChoice, CompletionResponse, DeltaMessage,
@@ -28,46 +28,57 @@ class StreamStep(Protocol):
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple | None
 
 
 def event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-def chat_chunks(pieces: Iterable[StreamStep], *, id: str, created: int, model: str,
-                include_usage: bool, tools: ToolCallParser | None = None) -> Iterator[bytes]:
-    """SSE frames for one streamed chat completion; with `tools`, calls the reply makes are sent
-    as OpenAI's `tool_calls` deltas (the name first, then the arguments as they are generated)."""
+def chat_chunks(choices: list[Iterable[StreamStep]], *, id: str, created: int, model: str,
+                include_usage: bool, tools: Callable[[], ToolCallParser | None] | None = None,
+                logprobs: Callable[[list], Any] | None = None) -> Iterator[bytes]:
+    """SSE frames for one streamed chat completion of one or more choices (generated together; each
+    sent whole in turn, its chunks carrying its `index`). With `tools` (a parser per choice), calls
+    a reply makes are sent as OpenAI's `tool_calls` deltas (the name first, then the arguments as
+    they are generated); with `logprobs`, each token's log-probabilities ride on the chunks."""
 
-    def chunk(delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None,
-              choices: bool = True) -> bytes:
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None,
+              lp: Any = None) -> bytes:
         c = ChatCompletionChunk(id=id, created=created, model=model, usage=usage,
-                                choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
+                                choices=[] if usage else [ChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                                                      logprobs=lp)])
         payload = c.model_dump()
         for choice in payload["choices"]:  # OpenAI omits unset delta fields rather than sending nulls
             choice["delta"] = delta.model_dump(exclude_none=True)
         return event(payload)
 
-    yield chunk(DeltaMessage(role="assistant", content=""))
-    last: StreamStep | None = None
+    prompt_tokens = completion_tokens = 0
     try:
-        for piece in pieces:
-            last = piece
-            if not piece.text:
-                continue
-            if tools is None:
-                yield chunk(DeltaMessage(content=piece.text))
-            else:
-                for delta in _deltas(tools.feed(piece.text)):
-                    yield chunk(delta)
-        finish = str((last and last.finish_reason) or "stop")
-        if tools is not None:
-            for delta in _deltas(tools.finish(cut=finish == "length")):
-                yield chunk(delta)
-        yield chunk(DeltaMessage(), finish=finish_reason(finish, tools.calls if tools else []))
+        for index, pieces in enumerate(choices):
+            parser = tools() if tools else None
+            yield chunk(index, DeltaMessage(role="assistant", content=""))
+            last: StreamStep | None = None
+            for piece in pieces:
+                last = piece
+                lp = logprobs(list(piece.logprobs)) if logprobs and piece.logprobs else None
+                if not piece.text and lp is None:
+                    continue
+                if parser is None:
+                    yield chunk(index, DeltaMessage(content=piece.text), lp=lp)
+                else:
+                    for delta in _deltas(parser.feed(piece.text)):
+                        yield chunk(index, delta)
+            finish = str((last and last.finish_reason) or "stop")
+            if parser is not None:
+                for delta in _deltas(parser.finish(cut=finish == "length")):
+                    yield chunk(index, delta)
+            yield chunk(index, DeltaMessage(), finish=finish_reason(finish, parser.calls if parser else []))
+            if last is not None:
+                prompt_tokens = last.prompt_tokens
+                completion_tokens += last.completion_tokens
         if include_usage:
-            usage = Usage.of(last.prompt_tokens, last.completion_tokens) if last else Usage.of(0, 0)
-            yield chunk(DeltaMessage(), usage=usage, choices=False)
+            yield chunk(0, DeltaMessage(), usage=Usage.of(prompt_tokens, completion_tokens))
     except GenerationFailed as exc:
         log.warning("stream failed after it started: %s", exc)
         yield event(error_body(f"generation failed: {exc}", "internal_error"))

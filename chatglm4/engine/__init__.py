@@ -52,6 +52,9 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # When asked for: (token id, log-probability, [(id, log-probability) of the most likely]) of
+    # each token generated since the previous delta.
+    logprobs: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Completion:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list | None = None
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,13 @@ class GenerationStream:
 
     def collect(self) -> Completion:
         """Drains the stream into one Completion."""
-        texts, last = [], Delta("")
+        texts, last, logprobs = [], Delta(""), []
         for delta in self:
             texts.append(delta.text)
+            logprobs.extend(delta.logprobs or ())
             last = delta
-        return Completion("".join(texts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Completion("".join(texts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                          logprobs if self.params.logprobs is not None else None)
 
 
 class Engine(Protocol):
@@ -159,6 +165,8 @@ class Engine(Protocol):
     context_length: int
     # How the model writes tool calls natively ("glm4"), or None (chatglm4/toolcalls.py).
     tool_dialect: str | None
+    # Sampling values the model declares (temperature, top_p, repetition_penalty): engine/gendefaults.py
+    generation_defaults: dict[str, float]
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template, ready for a reply;

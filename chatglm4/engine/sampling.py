@@ -16,6 +16,11 @@ class SamplingParams:
     ignore_eos: bool = False          # vLLM extension: generate exactly max_tokens
     min_tokens: int = 0               # vLLM extension: no end-of-turn before this many tokens
     grammar: Any = None               # a compiled xgrammar grammar, or None
+    presence_penalty: float = 0.0     # OpenAI's, and the rest: see logits.py
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0   # 1 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None       # None: none; k: the chosen token's and the k most likely tokens'
 
 
 def next_token(logits: Any, params: SamplingParams, generator: Any) -> int:

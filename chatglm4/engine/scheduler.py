@@ -27,7 +27,9 @@ from typing import Any
 
 from . import Delta, EngineBusy, EngineError, EngineStats, FinishReason, GenerationStream
 from .detok import IncrementalDecoder, StopStrings
-from .modelload import LoadedModel
+from . import gendefaults
+from .logits import LogitsAdjuster, needs_adjusting, top_logprobs
+from .modelload import EMBEDDED_NAME, LoadedModel
 from .sampling import SamplingParams, next_token
 
 log = logging.getLogger(__name__)
@@ -109,9 +111,13 @@ class _Sequence:
             import xgrammar as xgr
 
             self.matcher = xgr.GrammarMatcher(self.params.grammar)
+        self.adjuster = LogitsAdjuster(self.params, stream.prompt_ids) if needs_adjusting(self.params) else None
+        # (token, its log-probability, the most likely tokens) for the tokens not yet in a delta.
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
 
     def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
-        return Delta(text, finish, self.n_prompt, self.generated)
+        logprobs, self.logprobs = (tuple(self.logprobs) if self.logprobs else None), []
+        return Delta(text, finish, self.n_prompt, self.generated, logprobs)
 
 
 class LocalEngine:
@@ -134,6 +140,7 @@ class LocalEngine:
         self.tokenizer = loaded.tokenizer
         # GLM-4 ends a tool call's turn with <|observation|>, a token of its own vocabulary.
         self.tool_dialect = "glm4" if "<|observation|>" in loaded.tokenizer.get_vocab() else None
+        self.generation_defaults = gendefaults.from_model(loaded.model, loaded.name == EMBEDDED_NAME)
         self.max_batch = max_batch
         # Unchunked (0): every admitted prompt is prefilled whole, at most this many tokens a step.
         self.prefill_token_budget = prefill_token_budget
@@ -449,6 +456,12 @@ class LocalEngine:
         rows = self._batch[first:]
         stop_ids = self.loaded.stop_token_ids
         failed: dict[int, BaseException] = {}
+        for i, seq in enumerate(rows):
+            if seq.adjuster is not None:
+                try:
+                    seq.adjuster.apply(logits[i])
+                except Exception as exc:  # this request's penalties alone
+                    failed[i] = exc
         constrained = [i for i, s in enumerate(rows) if s.matcher is not None]
         if constrained:
             import xgrammar as xgr
@@ -470,6 +483,8 @@ class LocalEngine:
                 continue
             try:
                 token = greedy[i] if seq.greedy else next_token(logits[i], seq.params, seq.generator)
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append((token, *top_logprobs(logits[i], token, seq.params.logprobs)))
                 if self._accept(seq, token) is not None:
                     finished.add(first + i)
             except Exception as exc:  # sampling or grammar of this request alone
@@ -500,6 +515,8 @@ class LocalEngine:
         seq.generated += 1
         self._tokens_generated += 1
         seq.last_token = token
+        if seq.adjuster is not None:
+            seq.adjuster.observe(token)
         stream, params = seq.stream, seq.params
         if stream.first_token_at is None:
             stream.first_token_at = time.monotonic()

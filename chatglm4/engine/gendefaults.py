@@ -1,0 +1,24 @@
+"""Sampling defaults for what a request leaves unset, as vLLM takes them: from the model's own
+generation_config.json (GLM-4 ships a temperature and top_p), else ours.
+
+The embedded SmolLM2-135M-Instruct has no generation_config (a GGUF file); its defaults are those
+its model card recommends (temperature 0.2, top_p 0.9) and a light repetition penalty. Measured
+here on "你好" with top_p 1.0 it could run to 512 tokens of one repeated emoji; with these it
+answers in a few dozen tokens and stops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BUILT_IN = {"temperature": 0.7, "top_p": 1.0, "repetition_penalty": 1.0}
+EMBEDDED = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+KEYS = tuple(BUILT_IN)
+
+
+def from_model(model: Any, embedded: bool) -> dict[str, float]:
+    """The sampling values the model declares (only those it sets)."""
+    if embedded:
+        return dict(EMBEDDED)
+    config = getattr(model, "generation_config", None)
+    declared = config.to_diff_dict() if config is not None else {}
+    return {k: float(declared[k]) for k in KEYS if isinstance(declared.get(k), (int, float))}

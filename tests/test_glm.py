@@ -79,7 +79,7 @@ def test_original_glm4_release_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"quantize": "3bit"}, "choose 8bit or 4bit"),
+    ({"quantize": "3bit"}, "choose int8 or int4"),
     ({"gpus": "0,x"}, "not a GPU index"),
 ])
 def test_bad_quantize_and_gpus_are_refused_before_loading(folder, kwargs, message):
@@ -96,24 +96,34 @@ def test_gpus_restrict_placement_through_max_memory():
         modelload._gpu_memory_budget([2], {2: "20GiB"}, visible=2)
 
 
-def test_quantize_or_gpus_without_a_gpu_say_what_is_missing(folder):
+def test_gpus_without_a_gpu_say_what_is_missing(folder):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only answer")
     with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
         modelload.load(str(folder), gpus="0")
-    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
-        modelload.load(str(folder), quantize="4bit")
 
 
-def test_missing_bitsandbytes_names_the_install_command():
-    import importlib.util
+@pytest.mark.parametrize("quantize, kernel", [("int8", "_weight_int8pack_mm"), ("4bit", "_weight_int4pack_mm_for_cpu")])
+def test_int_weights_on_cpu_answer_the_same_alone_and_batched(folder, quantize, kernel):
+    import torch
+    from torch.profiler import profile
 
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed here")
-    with pytest.raises(ModelLoadError, match="pip install bitsandbytes"):
-        modelload.require_bitsandbytes("8bit")
+    loaded = modelload.load(str(folder), dtype="float32", quantize=quantize)
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+    with profile() as prof, torch.inference_mode():
+        loaded.model(input_ids=torch.tensor([ids]))
+    assert any(kernel in e.key for e in prof.key_averages())  # the integer kernel ran, not a float matmul
+    engine = LocalEngine(loaded, prefix_cache_tokens=0)
+    try:
+        params = SamplingParams(max_tokens=12, ignore_eos=True)
+        alone = engine.generate(ids, params).collect().text
+        together = [engine.generate(ids, params) for _ in range(3)]
+        assert [s.collect().text for s in together] == [alone] * 3
+    finally:
+        engine.shutdown()
 
 
 def test_chat_through_the_kernel(kernel):

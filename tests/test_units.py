@@ -132,7 +132,7 @@ def test_config_precedence_cli_over_env_over_default():
     (cfg.ModelServerConfig, ["--model", "/no/such/model"], {}, "does not exist"),
     (cfg.ModelServerConfig, ["--dtype", "int3"], {}, "dtype"),
     (cfg.ModelServerConfig, [], {"MAX_WAITING": "0"}, "at least 1"),
-    (cfg.ModelServerConfig, ["--quantize", "3bit"], {}, "8bit or 4bit"),
+    (cfg.ModelServerConfig, ["--quantize", "3bit"], {}, "int8 or int4"),
     (cfg.ModelServerConfig, ["--gpus", "0,x"], {}, "not a GPU index"),
 ])
 def test_config_rejects_bad_values(cls, argv, env, message):

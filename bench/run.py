@@ -1,6 +1,7 @@
 """`make bench`: our model server, the serial baseline and `transformers serve --continuous-batching`
 on the same model, the same prompt and the same forced number of generated tokens, in one run;
-then book search and the gateway's added latency, and a long prompt arriving while streams decode
+our server also at bf16, int8 and int4 (throughput); then book search and the gateway's added
+latency, and a long prompt arriving while streams decode
 (bench/prefill_gap.py, chunked prefill on and off). Writes bench/results.md.
 
 Every server runs alone (the others are stopped) so they do not share the CPU. Request loops are
@@ -133,6 +134,24 @@ def bench_ours(quick: bool) -> tuple[list[dict], dict]:
         ms.stop()
 
 
+# Our server at the other precisions (`DTYPE`, `QUANTIZE`), throughput only: float32 is bench_ours.
+PRECISIONS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
+
+
+def bench_precisions(quick: bool) -> list[dict]:
+    rows = []
+    for name, flags in PRECISIONS.items():
+        port = free_port()
+        ms = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--max-batch", "32", "--max-waiting", "256",
+                   *flags], f"http://127.0.0.1:{port}", f"bench-model-server-{name}.log")
+        try:
+            ms.wait()
+            rows += measure(f"chatglm4-web (ours, {name})", ms.url, quick)
+        finally:
+            ms.stop()
+    return rows
+
+
 def bench_serial(quick: bool) -> tuple[list[dict], float]:
     port = free_port()
     srv = Proc([sys.executable, str(HERE / "serial_server.py"), "--port", str(port)],
@@ -212,7 +231,7 @@ def write(rows: list[dict], extras: dict, reference: float, tserve_note: str) ->
                      f"| {r['tokens_per_req']:.0f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {ms(r['ttft50'])} | {ms(r['ttft95'])} |")
     if tserve_note:
         lines += ["", f"transformers serve: {tserve_note}"]
-    ours = {r["c"]: r for r in rows if r["server"].startswith("chatglm4")}
+    ours = {r["c"]: r for r in rows if r["server"] == "chatglm4-web (ours)"}
     serial = {r["c"]: r for r in rows if r["server"].startswith("serial")}
     peer = {r["c"]: r for r in rows if r["server"].startswith("transformers")}
     lines += ["", "| goal | measured | met |", "| --- | --- | --- |"]
@@ -249,6 +268,7 @@ def main() -> int:
     args = parser.parse_args()
     print("machine:", machine(), flush=True)
     rows, extras = bench_ours(args.quick)
+    rows += bench_precisions(args.quick)
     import prefill_gap  # here: it imports this module's Proc
 
     gap_rows = prefill_gap.measure([ModelServerConfig.prefill_chunk_tokens, 0], 1 if args.quick else 2)

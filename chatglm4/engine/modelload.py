@@ -166,13 +166,19 @@ def _int8_linear(linear: Any) -> Any:
 
 
 def quantize_weights(model: Any, quantize: str) -> None:
-    """Replaces every linear layer's weights by int8 or int4 ones, in place (weight-only: activations
-    stay in the model's dtype). CPU: int8 through `_weight_int8pack_mm`, int4 through torchao's
+    """Replaces every linear layer's weights by int8 or int4 ones, in place (weight-only; activations
+    in the model's dtype, on CPU bfloat16). CPU: int8 through `_weight_int8pack_mm`, int4 through torchao's
     CPU layout, whose matmul is `_weight_int4pack_mm_for_cpu` (group-wise, INT4_GROUP). CUDA: torchao's
     int8 and tinygemm int4. The embedding stays in float (a tied lm_head gets its own int copy)."""
     import torch
 
     device = next(model.parameters()).device
+    if device.type == "cpu" and model.dtype == torch.float32:
+        # With float32 activations both CPU integer kernels take their slow path: SmolLM2-135M
+        # decoded 5 tok/s at batch 1 in int4 that way against 74 with bfloat16 (and float32 weights:
+        # 25), and int8 likewise stalled. bf16's caveat comes with it: greedy text may depend on the batch.
+        log.info("%s on CPU: activations in bfloat16 (float32 ones take the integer kernels' slow path)", quantize)
+        model.to(torch.bfloat16)
     if quantize == "int8" and device.type == "cpu":
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
@@ -188,11 +194,6 @@ def quantize_weights(model: Any, quantize: str) -> None:
     elif device.type == "cpu":
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-        if model.dtype == torch.float32:
-            # With float32 activations the CPU int4 kernel is the slow path: SmolLM2-135M decoded
-            # 5 tok/s at batch 1 that way against 74 with bfloat16 (and float32 weights: 25).
-            log.info("int4 on CPU: activations in bfloat16 (float32 ones take the int4 kernel's slow path)")
-            model.to(torch.bfloat16)
         config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False)
     else:
         config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)

@@ -41,7 +41,7 @@ class ModelServerConfig:
     gpus: str | None = setting(None, "GPUS", "comma-separated GPU indices to place the model on, e.g. '0,1'; default: every visible GPU")
     max_context: int = setting(0, "MAX_CONTEXT", "context length in tokens; 0 = the model's own")
     default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", "max_tokens when a request names none")
-    default_temperature: float | None = setting(None, "DEFAULT_TEMPERATURE", "temperature when a request names none; default: the model's generation_config.json, else 0.7 (the embedded model: 0.2)")
+    default_temperature: float | None = setting(None, "DEFAULT_TEMPERATURE", "temperature when a request names none; default: the model's generation_config.json, else 0.7 (the embedded model: 0, greedy)")
     max_batch: int = setting(32, "MAX_BATCH", "sequences decoded together (continuous batching)")
     prefix_cache_tokens: int = setting(8192, "PREFIX_CACHE_TOKENS", "prompt-prefix tokens whose key/value cache is kept for reuse; 0 = off")
     prefill_chunk_tokens: int = setting(64, "PREFILL_CHUNK_TOKENS", "prompt tokens prefilled per step while streams decode, so a long prompt pauses them a chunk at a time (CPU: tens, GPU: hundreds); 0 = whole prompts at once")

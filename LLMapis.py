@@ -20,7 +20,7 @@ from flask import Flask, Response, jsonify, request
 from chatglm4 import config as cfg
 from chatglm4 import drain as draining
 from chatglm4 import errors, headers, sse
-from chatglm4.engine import EngineBusy, EngineError, EngineStats, GenerationStream, SchemaError
+from chatglm4.engine import Completion, EngineBusy, EngineError, EngineStats, GenerationStream, SchemaError
 from chatglm4.engine.remote import EngineUnavailable, UpstreamRejected
 from chatglm4.engine.modelload import default_served_name
 from chatglm4.metrics import Metrics
@@ -126,13 +126,7 @@ def create_app(state: ServerState) -> Flask:
                                      model=state.model_name, include_usage=include_usage,
                                      tools=lambda: kernel.tool_parser(chat), logprobs=logprobs)
             return Response(_cancel_all_on_close(streams, frames), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
-        try:
-            results = [s.collect() for s in streams]
-        finally:
-            for s in streams:
-                s.cancel()
-        for s, r in zip(streams, results):
-            engine_metrics.finished(s.submitted_at, s.first_token_at, r.completion_tokens)
+        results = _collect(streams, engine_metrics)
         choices = [_choice(i, r.text, str(r.finish_reason), kernel.tool_parser(chat),
                            logprobs(r.logprobs or []) if logprobs else None) for i, r in enumerate(results)]
         usage = Usage.of(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
@@ -151,17 +145,13 @@ def create_app(state: ServerState) -> Flask:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             frames = sse.completion_chunks([_timed(s, engine_metrics) for s in streams], id=cid, created=created,
-                                           model=state.model_name, include_usage=include_usage, echo=echo)
+                                           model=state.model_name, include_usage=include_usage, echo=echo,
+                                           n=body.n)
             return Response(_cancel_all_on_close(streams, frames), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
-        try:
-            results = [s.collect() for s in streams]
-        finally:
-            for s in streams:
-                s.cancel()
-        for s, r in zip(streams, results):
-            engine_metrics.finished(s.submitted_at, s.first_token_at, r.completion_tokens)
-        choices = [CompletionChoice(index=i, text=(echo[i] if echo else "") + r.text, finish_reason=str(r.finish_reason))
-                   for i, r in enumerate(results)]
+        results = _collect(streams, engine_metrics)
+        # Choices come n per prompt: choice i continues prompt i // n.
+        choices = [CompletionChoice(index=i, text=(echo[i // body.n] if echo else "") + r.text,
+                                    finish_reason=str(r.finish_reason)) for i, r in enumerate(results)]
         usage = Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
         return jsonify(CompletionResponse(id=cid, created=created, model=state.model_name, choices=choices,
                                           usage=usage).model_dump())
@@ -233,6 +223,18 @@ def _choice(index: int, text: str, finish: str, tools: ToolCallParser | None,
     message = AssistantMessage(content=content.strip() or None, tool_calls=[
         ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls if c.closed] or None)
     return Choice(index=index, message=message, finish_reason=finish_reason(finish, calls), logprobs=logprobs)
+
+
+def _collect(streams: list[GenerationStream], engine_metrics: EngineMetrics) -> list[Completion]:
+    """Each stream drained whole (their latencies recorded); all are cancelled if one fails."""
+    try:
+        results = [s.collect() for s in streams]
+    finally:
+        for s in streams:
+            s.cancel()
+    for s, r in zip(streams, results):
+        engine_metrics.finished(s.submitted_at, s.first_token_at, r.completion_tokens)
+    return results
 
 
 def _timed(stream: GenerationStream, engine_metrics: EngineMetrics) -> Iterator[Any]:

@@ -86,7 +86,7 @@ def chat_chunks(choices: list[Iterable[StreamStep]], *, id: str, created: int, m
 
 
 def completion_chunks(streams: list[Iterable[StreamStep]], *, id: str, created: int, model: str,
-                      include_usage: bool, echo: list[str] | None = None) -> Iterator[bytes]:
+                      include_usage: bool, echo: list[str] | None = None, n: int = 1) -> Iterator[bytes]:
     """SSE frames for a streamed /v1/completions: each prompt's text in turn (its `index` says which),
     its finish reason, then usage for all of them and `data: [DONE]`. The prompts are generated
     together; one read later simply waits in its stream."""
@@ -99,8 +99,8 @@ def completion_chunks(streams: list[Iterable[StreamStep]], *, id: str, created: 
     prompt_tokens = completion_tokens = 0
     try:
         for index, pieces in enumerate(streams):
-            if echo:
-                yield chunk(index, echo[index])
+            if echo:  # choices come n per prompt
+                yield chunk(index, echo[index // n])
             last: StreamStep | None = None
             for piece in pieces:
                 last = piece

@@ -292,6 +292,10 @@ def test_sdk_text_completions_whole_streamed_and_several_prompts(client):
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[0].text == "The capital of France is" + text   # batched with another: unchanged
     assert both.choices[1].text.startswith("1, 2, 3,") and both.usage.completion_tokens == 12
+    # n per prompt: choice i continues prompt i // n, and echoes it.
+    twice = client.completions.create(model="chatglm4", prompt=["The capital of France is", "1, 2, 3,"], n=2,
+                                      max_tokens=2, temperature=0, echo=True, extra_body={"ignore_eos": True})
+    assert [c.text.startswith("1, 2, 3,") for c in twice.choices] == [False, False, True, True]
 
 
 def test_text_completion_errors(gateway):

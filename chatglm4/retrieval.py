@@ -144,9 +144,11 @@ def _name_pinyin(name: str) -> tuple[str, str]:
     return "".join(syllables), "".join(syllables[1:] + syllables[:1])
 
 
-def index_terms(book: Book) -> list[str]:
-    """A book's lexical terms: those of `index_text`, and its authors' names in pinyin."""
-    return list(dict.fromkeys(tokenize(index_text(book)) + list(author_pinyin(book.author))))
+def index_terms(book: Book, names: dict[str, str] | None = None) -> list[str]:
+    """A book's lexical terms: those of `index_text`, and its authors' names in pinyin (`names`, when
+    the caller has already read them with `author_pinyin`)."""
+    names = author_pinyin(book.author) if names is None else names
+    return list(dict.fromkeys(tokenize(index_text(book)) + list(names)))
 
 
 class Scored(NamedTuple):

@@ -122,8 +122,9 @@ class _State:
     def upsert(self, book: Book) -> int:
         """Indexes `book` (an edited one becomes a new row: its old terms and vectors go); its row."""
         self.remove(book.id)
-        self.names.update(author_pinyin(book.author))
-        row = self.lex.add(index_terms(book))
+        names = author_pinyin(book.author)
+        self.names.update(names)
+        row = self.lex.add(index_terms(book, names))
         self.ids.ensure(row + 1)
         self.ids.data[row] = book.id
         self.row_of[book.id] = row

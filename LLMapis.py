@@ -94,8 +94,7 @@ def create_app(state: ServerState) -> Flask:
             ("chatglm4_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", "prefix_hit_tokens")):
         metrics.gauge(name, doc).set_function(lambda field=field: getattr(state.stats(), field))
     ttft = metrics.histogram("chatglm4_time_to_first_token_seconds", "from enqueue to the first generated token")
-    engine_metrics = EngineMetrics(metrics.registry, state.stats,
-                                   lambda: getattr(state.kernel.engine, "max_batch", None) if state.kernel else None)
+    engine_metrics = EngineMetrics(metrics.registry, state.stats)
 
     def observe_ttft(seconds: float) -> None:
         ttft.observe(seconds)
@@ -265,7 +264,7 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
                             max_context=config.max_context, quantize=config.quantize, gpus=config.gpus)
     engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch,
                          prefix_cache_tokens=config.prefix_cache_tokens,
-                         prefill_chunk_tokens=config.prefill_chunk_tokens)
+                         prefill_chunk_tokens=config.prefill_chunk_tokens, kv_cache_tokens=config.kv_cache_tokens)
     kernel = Kernel(engine, default_max_tokens=config.default_max_tokens,
                     default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
     try:
@@ -287,7 +286,8 @@ def load_remote_kernel(config: cfg.ModelServerConfig, state: ServerState | None 
     while True:
         try:
             engine = remote.RemoteEngine(config.engine_url, model=config.engine_model,
-                                         context_length=config.max_context or None, tokenizer=tokenizer)
+                                         context_length=config.max_context or None, tokenizer=tokenizer,
+                                         tool_calls=config.engine_tool_calls)
             break
         except EngineBusy as exc:
             log.warning("%s; trying again in 2 s", exc)

@@ -30,8 +30,9 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/engine_peer_check.py
 	$(BIN)/python bench/catalogue.py
 	$(BIN)/python bench/libeval.py
 

@@ -1,7 +1,8 @@
-"""`make bench`: our model server, the serial baseline and `transformers serve --continuous-batching`
-on the same model, the same prompt and the same forced number of generated tokens, in one run;
-our server also at bf16, int8 and int4 (throughput); then book search and the gateway's added
-latency, and a long prompt arriving while streams decode
+"""`make bench`: our model server, llama.cpp's llama-server (bench/llama_peer.py), the serial
+baseline and `transformers serve --continuous-batching` on the same model, the same prompt and the
+same forced number of generated tokens, in one run; ours and llama-server at float32, bf16 and int4
+side by side (ours at int8 too); then book search and the gateway's added latency, memory before and
+after a 200-client soak (bench/soak.py), and a long prompt arriving while streams decode
 (bench/prefill_gap.py, chunked prefill on and off). Writes bench/results.md.
 
 Every server runs alone (the others are stopped) so they do not share the CPU. Request loops are
@@ -138,18 +139,53 @@ def bench_ours(quick: bool) -> tuple[list[dict], dict]:
 PRECISIONS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
 
 
-def bench_precisions(quick: bool) -> list[dict]:
+def bench_precisions(quick: bool, precisions: dict[str, list[str]]) -> list[dict]:
     rows = []
-    for name, flags in PRECISIONS.items():
+    for name, flags in precisions.items():
         port = free_port()
         ms = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--max-batch", "32", "--max-waiting", "256",
                    *flags], f"http://127.0.0.1:{port}", f"bench-model-server-{name}.log")
         try:
             ms.wait()
-            rows += measure(f"chatglm4-web (ours, {name})", ms.url, quick)
+            rows += measure("chatglm4-web (ours)" if name == "fp32" else f"chatglm4-web (ours, {name})", ms.url, quick)
         finally:
             ms.stop()
     return rows
+
+
+def bench_llama(quick: bool, precision: str) -> tuple[list[dict], str]:
+    """llama.cpp's llama-server at one of the precisions ours runs at (bench/llama_peer.py)."""
+    import llama_peer
+
+    try:
+        server, quantize = llama_peer.binaries()
+        gguf = llama_peer.model_file(precision, quantize)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        return [], f"skipped: {exc}"
+    port = free_port()
+    srv = Proc(llama_peer.server_argv(server, gguf, port), f"http://127.0.0.1:{port}", f"bench-llama-{precision}.log")
+    try:
+        srv.wait(timeout=300)
+        return measure(f"llama-server ({precision})", srv.url, quick), ""
+    except (RuntimeError, TimeoutError) as exc:
+        return [], f"{precision} skipped: {exc}"
+    finally:
+        srv.stop()
+
+
+def bench_engines(quick: bool, skip_llama: bool) -> tuple[list[dict], str]:
+    """Ours at bf16, int8 and int4, each followed at once by llama-server at the same precision, so
+    that a pair shares the machine's state of the moment (float32's pair follows bench_ours)."""
+    import llama_peer
+
+    rows, notes = [], []
+    for name, flags in PRECISIONS.items():
+        rows += bench_precisions(quick, {name: flags})
+        if name in llama_peer.PRECISIONS and not skip_llama:
+            peer, note = bench_llama(quick, name)
+            rows += peer
+            notes += [note] if note else []
+    return rows, "; ".join(dict.fromkeys(notes))
 
 
 def bench_serial(quick: bool) -> tuple[list[dict], float]:
@@ -216,7 +252,34 @@ def machine() -> str:
             f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
-def write(rows: list[dict], extras: dict, reference: float, tserve_note: str) -> str:
+def precision_of(server: str) -> str | None:
+    """"chatglm4-web (ours, bf16)" → bf16; our float32 row has no suffix; peers' names end likewise."""
+    if server == "chatglm4-web (ours)":
+        return "fp32"
+    if server.startswith(("chatglm4-web (ours, ", "llama-server (")):
+        return server.rsplit(" ", 1)[-1].strip("()")
+    return None
+
+
+def side_by_side(rows: list[dict]) -> list[str]:
+    """Ours beside llama-server at each precision both ran: tok/s at each concurrency."""
+    ours = {(precision_of(r["server"]), r["c"]): r for r in rows if r["server"].startswith("chatglm4-web")}
+    peer = {(precision_of(r["server"]), r["c"]): r for r in rows if r["server"].startswith("llama-server")}
+    keys = [k for k in ours if k in peer]
+    if not keys:
+        return []
+    lines = ["", "Ours beside llama.cpp's llama-server (`--parallel 32`) on the same weights at the same precision "
+             "(int4: ours quantizes the dequantized weights with torch's int4 kernel, llama-server runs the shipped Q4_1 file):",
+             "", "| precision | concurrency | ours tok/s | llama-server tok/s | ours / llama-server | ours p95 TTFT ms | llama-server p95 TTFT ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p, c in keys:
+        a, b = ours[(p, c)], peer[(p, c)]
+        lines.append(f"| {p} | {c} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} "
+                     f"| {a['ttft95'] * 1000:.0f} | {b['ttft95'] * 1000:.0f} |")
+    return lines
+
+
+def write(rows: list[dict], extras: dict, reference: float, tserve_note: str, llama_note: str = "") -> str:
     ms = lambda s: f"{s * 1000:.0f}"  # noqa: E731
     lines = [f"Benchmark run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.",
              "",
@@ -231,6 +294,9 @@ def write(rows: list[dict], extras: dict, reference: float, tserve_note: str) ->
                      f"| {r['tokens_per_req']:.0f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {ms(r['ttft50'])} | {ms(r['ttft95'])} |")
     if tserve_note:
         lines += ["", f"transformers serve: {tserve_note}"]
+    if llama_note:
+        lines += ["", f"llama-server: {llama_note}"]
+    lines += side_by_side(rows)
     ours = {r["c"]: r for r in rows if r["server"] == "chatglm4-web (ours)"}
     serial = {r["c"]: r for r in rows if r["server"].startswith("serial")}
     peer = {r["c"]: r for r in rows if r["server"].startswith("transformers")}
@@ -247,10 +313,17 @@ def write(rows: list[dict], extras: dict, reference: float, tserve_note: str) ->
         goal("c=32 throughput ≥ 1.5x transformers serve", f"{x:.2f}x", x >= 1.5)
     if 32 in ours:
         goal("c=32 p95 TTFT < 1 s", f"{ours[32]['ttft95']:.2f} s", ours[32]["ttft95"] < 1.0)
-    if 1 in ours:
+    by_precision = {(precision_of(r["server"]), r["server"].startswith("llama"), r["c"]): r["tok_s"] for r in rows}
+    for (p, is_peer, c), peer_tok_s in sorted(by_precision.items()):
+        mine = by_precision.get((p, False, c))
+        if is_peer and c in (1, 32) and mine is not None:
+            goal(f"{p} c={c}: ours ≥ llama-server", f"{mine:.1f} vs {peer_tok_s:.1f} tok/s", mine >= peer_tok_s)
+    if 1 in ours and reference:
         ratio = ours[1]["tok_s"] / reference
         goal("c=1 within 10% of in-process model.generate", f"{ours[1]['tok_s']:.1f} vs {reference:.1f} tok/s "
              f"({ratio * 100:.0f}%)", ratio >= 0.9)
+    if not extras:  # --engine-only
+        return "\n".join(lines) + "\n"
     goal("c=1 TTFT p50 < 150 ms (short prompt, 1 token)", f"{ms(extras['ttft_short_p50'])} ms",
          extras["ttft_short_p50"] < 0.15)
     goal("gateway overhead p50 < 3 ms (GET /v1/models via gateway − direct)",
@@ -265,16 +338,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one request per client at each level")
     parser.add_argument("--skip-peer", action="store_true", help="skip transformers serve")
+    parser.add_argument("--skip-llama", action="store_true", help="skip llama.cpp's llama-server (and its build)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="throughput at each precision, ours and llama-server's, and the soak; nothing else")
     args = parser.parse_args()
     print("machine:", machine(), flush=True)
-    rows, extras = bench_ours(args.quick)
-    rows += bench_precisions(args.quick)
-    import prefill_gap  # here: it imports this module's Proc
+    extras: dict = {}
+    if args.engine_only:
+        rows = bench_precisions(args.quick, {"fp32": []})
+    else:
+        rows, extras = bench_ours(args.quick)
+    llama_rows, llama_note = ([], "skipped (--skip-llama)") if args.skip_llama else bench_llama(args.quick, "fp32")
+    more, note = bench_engines(args.quick, args.skip_llama)
+    rows += llama_rows + more
+    llama_note = "; ".join(n for n in (llama_note, note) if n)
+    import prefill_gap  # here: they import this module's Proc
+    import soak
 
-    gap_rows = prefill_gap.measure([ModelServerConfig.prefill_chunk_tokens, 0], 1 if args.quick else 2)
-    serial_rows, reference = bench_serial(args.quick)
-    peer_rows, note = ([], "skipped (--skip-peer)") if args.skip_peer else bench_transformers_serve(args.quick)
-    text = write(rows + serial_rows + peer_rows, extras, reference, note) + "\n" + prefill_gap.markdown(gap_rows)
+    soak_row = soak.measure(200, 1 if args.quick else 2)
+    gap_rows, serial_rows, peer_rows, reference, note = [], [], [], 0.0, "skipped (--engine-only)"
+    if not args.engine_only:
+        gap_rows = prefill_gap.measure([ModelServerConfig.prefill_chunk_tokens, 0], 1 if args.quick else 2)
+        serial_rows, reference = bench_serial(args.quick)
+        peer_rows, note = ([], "skipped (--skip-peer)") if args.skip_peer else bench_transformers_serve(args.quick)
+    text = (write(rows + serial_rows + peer_rows, extras, reference, note, llama_note)
+            + "\n" + soak.markdown(soak_row) + ("\n" + prefill_gap.markdown(gap_rows) if gap_rows else ""))
     (HERE / "results.md").write_text(text, encoding="utf-8")
     print(text)
     return 0

@@ -32,6 +32,7 @@ class ModelServerConfig:
     model: str | None = setting(None, "MODEL", "local model folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     engine_url: str | None = setting(None, "ENGINE_URL", "delegate generation to the OpenAI-compatible server at this URL (vLLM, SGLang, llama.cpp, another model server) and load no model")
     engine_model: str | None = setting(None, "ENGINE_MODEL", "with engine_url: the model id to ask the engine for; default: the first its /v1/models lists")
+    engine_tool_calls: str = setting("native", "ENGINE_TOOL_CALLS", "with engine_url: how forced tool calls (tool_choice required or a named tool) reach the engine: native (tool_choice as is: vLLM, SGLang) or schema (a JSON schema of the calls under response_format: llama.cpp's server)")
     tokenizer: str | None = setting(None, "TOKENIZER", "with engine_url: local folder of the served model's tokenizer, for exact prompt lengths; default: the engine's /tokenize, else an estimate")
     host: str = setting("127.0.0.1", "MODEL_SERVER_HOST", "address to bind")
     port: int = setting(8001, "MODEL_SERVER_PORT", "port to bind")
@@ -44,6 +45,7 @@ class ModelServerConfig:
     default_temperature: float | None = setting(None, "DEFAULT_TEMPERATURE", "temperature when a request names none; default: the model's generation_config.json, else 0.7 (the embedded model: 0, greedy)")
     max_batch: int = setting(32, "MAX_BATCH", "sequences decoded together (continuous batching)")
     prefix_cache_tokens: int = setting(8192, "PREFIX_CACHE_TOKENS", "prompt-prefix tokens whose key/value cache is kept for reuse; 0 = off")
+    kv_cache_tokens: int = setting(0, "KV_CACHE_TOKENS", "ceiling of the running batch's key/value cache, in token slots (rows × width, each row reserved to its prompt + max_tokens): requests past it wait their turn; 0 = the larger of the context and 65536")
     prefill_chunk_tokens: int = setting(64, "PREFILL_CHUNK_TOKENS", "prompt tokens prefilled per step while streams decode, so a long prompt pauses them a chunk at a time (CPU: tens, GPU: hundreds); 0 = whole prompts at once")
     max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
     search_candidates: int = _search_candidates()
@@ -139,6 +141,10 @@ def validate(config: Any) -> None:
             raise ConfigError(f"{f.name} must be positive")
         if f.name == "shutdown_grace" and value < 0:
             raise ConfigError("shutdown_grace must be 0 or more seconds")
+        if f.name == "engine_tool_calls" and value not in ("native", "schema"):
+            raise ConfigError(f"engine_tool_calls {value!r}: choose native or schema")
+        if f.name == "kv_cache_tokens" and value < 0:
+            raise ConfigError("kv_cache_tokens must be 0 (automatic) or positive")
         if f.name == "max_context" and value < 0:
             raise ConfigError("max_context must be 0 (the model's) or positive")
     if isinstance(config, ModelServerConfig):

@@ -5,7 +5,8 @@ vLLM writes `vllm:`, so a dashboard built for vLLM works here after changing the
 | --- | --- | --- |
 | `chatglm4:num_requests_running` | `vllm:num_requests_running` | requests being generated (prefill or decode) |
 | `chatglm4:num_requests_waiting` | `vllm:num_requests_waiting` | requests queued for a batch slot |
-| `chatglm4:kv_cache_usage_perc` | `vllm:kv_cache_usage_perc` | share of the KV cache in use, 0..1: our cache is one slot per running sequence, so running / MAX_BATCH |
+| `chatglm4:kv_cache_usage_perc` | `vllm:kv_cache_usage_perc` | share of the KV cache in use, 0..1: running rows × their width over `KV_CACHE_TOKENS` |
+| `chatglm4:kv_cache_bytes` | (none) | memory held by the batch cache's buffers (allocated as the batch first grows, then reused) |
 | `chatglm4:prompt_tokens_total` | `vllm:prompt_tokens_total` | prompt tokens of admitted requests |
 | `chatglm4:generation_tokens_total` | `vllm:generation_tokens_total` | tokens generated |
 | `chatglm4:prefix_cache_queries_total` | `vllm:prefix_cache_queries_total` | prompt tokens looked up in the prefix cache |
@@ -36,17 +37,18 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 class _EngineCollector:
     """Reads the engine's stats at scrape time (nothing to keep in step)."""
 
-    def __init__(self, stats: Callable[[], Any], slots: Callable[[], int | None]):
+    def __init__(self, stats: Callable[[], Any]):
         self._stats = stats
-        self._slots = slots
 
     def collect(self):
         s = self._stats()
-        slots = self._slots()
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "requests being generated", value=s.running)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "requests waiting for a batch slot", value=s.waiting)
-        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "share of the KV cache in use (slots), 0..1",
-                                value=(s.running / slots) if slots else 0.0)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc",
+                                "share of the KV cache's token budget (KV_CACHE_TOKENS) the running rows occupy, 0..1",
+                                value=s.kv_cache_usage)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_bytes", "memory held by the batch's KV cache buffers",
+                                value=s.kv_cache_bytes)
         queried = s.prefill_tokens + s.prefix_hit_tokens
         for name, doc, value in (("prompt_tokens", "prompt tokens of admitted requests", queried),
                                  ("generation_tokens", "tokens generated", s.tokens_generated),
@@ -58,8 +60,8 @@ class _EngineCollector:
 class EngineMetrics:
     """vLLM-named engine metrics in `registry`."""
 
-    def __init__(self, registry: CollectorRegistry, stats: Callable[[], Any], slots: Callable[[], int | None]):
-        registry.register(_EngineCollector(stats, slots))
+    def __init__(self, registry: CollectorRegistry, stats: Callable[[], Any]):
+        registry.register(_EngineCollector(stats))
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "time to first token",
                               registry=registry, buckets=TTFT_BUCKETS)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "time between generated tokens",

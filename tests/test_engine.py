@@ -292,3 +292,64 @@ def test_a_prompt_cancelled_between_its_chunks_ends_cancelled(kernel):
         assert 2 <= engine.stats().prefill_chunks < chunks_of(len(late.prompt_ids))
     finally:
         engine.shutdown()
+
+
+def test_the_batch_cache_is_allocated_once_reused_and_bounded(kernel):
+    loaded = kernel.engine.loaded
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * loaded.model.dtype.itemsize
+    # Room for three rows of 128 positions: of six requests at once, three run and three wait.
+    engine = LocalEngine(loaded, kv_cache_tokens=3 * 128, prefix_cache_tokens=0)
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        ids = prompt(engine, "Count to ten.")
+        assert len(ids) + 24 < 127
+        solo = engine.generate(ids, params).collect().text
+        running: list[int] = []
+        reallocations = []
+        for _wave in range(3):
+            streams = [engine.generate(ids, params) for _ in range(6)]
+            for stream in streams:  # called on the engine's thread at each delta
+                stream.put = lambda delta, put=stream.put: (running.append(engine.stats().running), put(delta))
+            texts = [s.collect().text for s in streams]
+            assert texts == [solo] * 6  # those that waited read the same, and none failed
+            reallocations.append(engine._cache.reallocations)
+        assert max(running) == 3
+        assert reallocations[0] == reallocations[1] == reallocations[2]  # warm: no new buffers
+        assert 0 < engine.stats().kv_cache_bytes <= 3 * 128 * per_token
+    finally:
+        engine.shutdown()
+
+
+def test_rows_leaving_the_batch_keep_the_others_output(kernel):
+    """Rows finish out of order (holes filled by the last row); every text still reads as alone."""
+    engine = LocalEngine(kernel.engine.loaded, prefix_cache_tokens=0)
+    try:
+        lengths = [3, 17, 5, 30, 9, 12, 1, 24]
+        ids = prompt(engine, "Tell a long story.")
+        alone = {n: engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True)).collect().text for n in lengths}
+        streams = [engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True)) for n in lengths]
+        assert [s.collect().text for s in streams] == [alone[n] for n in lengths]
+    finally:
+        engine.shutdown()
+
+
+def test_packed_bf16_linear_computes_the_same_as_the_plain_one():
+    import torch
+
+    from chatglm4.engine.modelload import pack_for_cpu
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False)).to(torch.bfloat16)
+    x = torch.randn(5, 3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = model(x)
+        model.dtype = torch.bfloat16  # what a transformers model reports
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch build has no oneDNN")
+        assert pack_for_cpu(model) == 2
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        packed = model(x)
+    assert packed.shape == plain.shape and packed.dtype == torch.bfloat16
+    assert torch.allclose(packed.float(), plain.float(), atol=0.05, rtol=0.02)

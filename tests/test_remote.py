@@ -107,6 +107,51 @@ def test_tool_call_required_is_relayed(client, stream):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+@pytest.fixture(scope="module")
+def schema_client(model_server, session_servers):
+    front = remote_server(session_servers, model_server.url, engine_tool_calls="schema")
+    return openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_can_travel_as_a_json_schema(schema_client, stream, choice):
+    """`--engine-tool-calls schema`: for engines that enforce response_format but not tool_choice."""
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+    kwargs = dict(model="m", messages=ask("What is the weather in Paris?"), tools=[clock, WEATHER],
+                  tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=64)
+    if not stream:
+        reply = schema_client.chat.completions.create(**kwargs).choices[0]
+        names = [c.function.name for c in reply.message.tool_calls]
+        arguments = json.loads(reply.message.tool_calls[0].function.arguments)
+        finish = reply.finish_reason
+    else:
+        chunks = list(schema_client.chat.completions.create(stream=True, **kwargs))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        names = [d.function.name for d in deltas if d.function.name]
+        arguments = json.loads("".join(d.function.arguments or "" for d in deltas))
+        finish = chunks[-1].choices[0].finish_reason
+    assert finish == "tool_calls" and len(names) == 1 and names[0] in {"get_time", "get_weather"}
+    if isinstance(choice, dict):
+        assert names == ["get_weather"]
+    assert set(arguments) == ({"city"} if names == ["get_weather"] else {"zone"})
+
+
+def test_forced_call_schema_shapes():
+    from chatglm4.engine.remote import forced_call_schema, forced_calls_text
+
+    tools = [WEATHER, {"type": "function", "function": {"name": "noop"}}]
+    one = forced_call_schema(tools, {"tool_choice": {"type": "function", "function": {"name": "noop"}}})
+    assert one["properties"]["name"] == {"const": "noop"} and one["properties"]["arguments"] == {"type": "object"}
+    many = forced_call_schema(tools, {"tool_choice": "required", "parallel_tool_calls": True})
+    assert many["type"] == "array" and many["minItems"] == 1 and len(many["items"]["anyOf"]) == 2
+    assert forced_call_schema(tools, {"tool_choice": "auto"}) is None
+    text = forced_calls_text('[{"name": "get_weather", "arguments": {"city": "巴黎"}}]')
+    assert text == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "巴黎"}}\n</tool_call>'
+    assert forced_calls_text('{"name": "get_wea') == ""
+
+
 def test_history_fitting_uses_an_estimate_when_the_upstream_cannot_count(remote):
     # Our model server has no /tokenize: prompt lengths are estimated, generously.
     engine = remote.state.kernel.engine

@@ -79,6 +79,8 @@ class EngineStats:
     prefix_hit_tokens: int = 0
     steps: int = 0
     prefill_chunks: int = 0  # forwards that computed part of a long prompt (chunked prefill)
+    kv_cache_usage: float = 0.0  # share of the batch cache's token budget the running rows occupy, 0..1
+    kv_cache_bytes: int = 0  # memory the batch cache's buffers hold (allocated once, then reused)
 
 
 _END = object()

@@ -165,6 +165,46 @@ def _int8_linear(linear: Any) -> Any:
     return _Int8Linear(linear.weight, linear.bias)
 
 
+def _packed_bf16_linear(linear: Any) -> Any:
+    """An nn.Module computing `linear` in bf16 through oneDNN with its weight reordered once into
+    oneDNN's blocked layout, instead of `F.linear`, which reads the plain layout at every call.
+
+    Measured on this CPU (AVX512-BF16, 2 threads) over SmolLM2-135M's 211 matrices in turn: 27.6 ms
+    a decode step with `F.linear` against 19.5 ms packed at one row, 39.8 against 28.4 at eight."""
+    import torch
+
+    class _PackedLinear(torch.nn.Module):
+        def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+            super().__init__()
+            self.out_features = weight.shape[0]
+            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+            self.bias = bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            return y.reshape(*x.shape[:-1], self.out_features)
+
+    return _PackedLinear(linear.weight, linear.bias)
+
+
+def pack_for_cpu(model: Any) -> int:
+    """Packs every bf16 linear layer of a model on CPU for oneDNN (`_packed_bf16_linear`); returns
+    how many. Float32 stays as it is: MKL's packed float32 GEMM only pays for the one batch size it
+    was packed for (a copy per size would multiply the weights' memory)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available() or model.dtype != torch.bfloat16:
+        return 0
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
+                setattr(module, name, _packed_bf16_linear(child))
+                count += 1
+    return count
+
+
 def quantize_weights(model: Any, quantize: str) -> None:
     """Replaces every linear layer's weights by int8 or int4 ones, in place (weight-only; activations
     in the model's dtype, on CPU bfloat16). CPU: int8 through `_weight_int8pack_mm`, int4 through torchao's
@@ -224,11 +264,13 @@ def _gpu_memory_budget(gpu_ids: list[int], max_memory: dict | None, visible: int
 
 
 def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
-         max_context: int = 0, *, quantize: str | None = None, gpus: str | None = None) -> LoadedModel:
+         max_context: int = 0, *, quantize: str | None = None, gpus: str | None = None,
+         pack_cpu: bool = True) -> LoadedModel:
     """Loads tokenizer and model once; raises ModelLoadError with a reason a person can act on.
 
     `quantize` ('int8' | 'int4', or the aliases '8bit' | '4bit') makes the weights weight-only
-    integers after loading (`quantize_weights`); `gpus` ('0,1') restricts placement to those GPUs."""
+    integers after loading (`quantize_weights`); `gpus` ('0,1') restricts placement to those GPUs;
+    `pack_cpu` lets bf16 weights on CPU be packed for oneDNN (`pack_for_cpu`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -271,6 +313,8 @@ def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
     model_obj.eval()
     if quantize:
         quantize_weights(model_obj, quantize)
+    elif not used_gpus and pack_cpu:
+        log.info("%d linear layers packed for oneDNN", pack_for_cpu(model_obj))
     if used_gpus:
         placement = getattr(model_obj, "hf_device_map", {})
         if any(str(d) in ("cpu", "disk") for d in placement.values()):

@@ -88,8 +88,12 @@ class RemoteEngine:
     tool_dialect = "openai"
 
     def __init__(self, url: str, *, model: str | None = None, context_length: int | None = None,
-                 tokenizer: Any = None, connect_timeout: float = 5.0, read_timeout: float = 300.0):
+                 tokenizer: Any = None, connect_timeout: float = 5.0, read_timeout: float = 300.0,
+                 tool_calls: str = "native"):
+        if tool_calls not in TOOL_CALL_MODES:
+            raise ValueError(f"tool_calls must be one of {', '.join(TOOL_CALL_MODES)}")
         self.root = api_root(url)
+        self.tool_calls = tool_calls
         self.timeout = (connect_timeout, read_timeout)
         self.session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=256)
@@ -250,7 +254,9 @@ class RemoteEngine:
         stream = GenerationStream(prompt_ids, params)
         with self._lock:
             self._open.add(stream)
-        threading.Thread(target=self._relay, args=(resp, stream, path == "/v1/chat/completions"),
+        forced = body.get("response_format", {}).get("json_schema", {}).get("name") == "tool_calls" \
+            and body.get("tool_choice") == "none"
+        threading.Thread(target=self._relay, args=(resp, stream, path == "/v1/chat/completions", forced),
                          name="remote-stream", daemon=True).start()
         return stream
 
@@ -285,15 +291,24 @@ class RemoteEngine:
             body.update({k: v for k, v in params.grammar.items() if k != "type"})
             if "tool_choice" in params.grammar:
                 body["tools"] = prompt.tools
+                forced = forced_call_schema(prompt.tools or [], params.grammar) if self.tool_calls == "schema" else None
+                if forced is not None:
+                    # The calls as a JSON answer the engine must give; the tools stay listed for its
+                    # template, with tool_choice "none" so that it does not parse calls of its own.
+                    body.update(tool_choice="none", response_format={"type": "json_schema", "json_schema": {
+                        "name": "tool_calls", "schema": forced, "strict": True}})
+                    body.pop("parallel_tool_calls", None)
         return "/v1/chat/completions", body
 
-    def _relay(self, resp: requests.Response, stream: GenerationStream, chat: bool) -> None:
+    def _relay(self, resp: requests.Response, stream: GenerationStream, chat: bool, forced: bool = False) -> None:
         """Upstream SSE chunks as Deltas; a cancelled stream closes the upstream response, which
-        cancels the generation there."""
+        cancels the generation there. `forced`: the reply is the JSON of forced calls, kept until it
+        is whole and then written as calls."""
         prompt_tokens = len(stream.prompt_ids)
         completion = 0
         finish: FinishReason | None = None
         calls = _CallWriter()
+        answer: list[str] = []
         try:
             for line in resp.iter_lines(chunk_size=None):
                 if stream.abandoned():
@@ -315,9 +330,12 @@ class RemoteEngine:
                         text = (delta.get("content") or "") + calls.write(delta.get("tool_calls"))
                     else:
                         text = choice.get("text") or ""
+                    if forced:
+                        answer.append(text)
+                        text = ""
                     if choice.get("finish_reason"):
                         finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
-                        text += calls.close()
+                        text += calls.close() + (forced_calls_text("".join(answer)) if forced and finish is FinishReason.STOP else "")
                     if text:
                         completion += 1
                         if stream.first_token_at is None:
@@ -338,6 +356,48 @@ class RemoteEngine:
                 self._open.discard(stream)
                 self._generated += completion
                 self._prompted += prompt_tokens
+
+
+# How tool calls that must happen (tool_choice "required" or a named tool) reach the engine:
+# "native" sends tool_choice as it is (vLLM and SGLang enforce it with their guided decoding);
+# "schema" asks for the calls as a JSON answer under response_format, for engines that enforce a
+# JSON schema but not tool_choice (llama.cpp's server, for a model whose template has no tools).
+TOOL_CALL_MODES = ("native", "schema")
+
+
+def forced_call_schema(tools: list[dict], grammar: dict) -> dict | None:
+    """The JSON schema of the calls a request forces: one {"name", "arguments"} object (a named
+    tool, or parallel calls off), else an array of at least one; None when calls are not forced."""
+    choice = grammar.get("tool_choice")
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        offered = [t for t in tools if t["function"]["name"] == wanted]
+    elif choice == "required":
+        offered = tools
+    else:
+        return None
+    one = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                              "arguments": t["function"].get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"], "additionalProperties": False} for t in offered]
+    call = one[0] if len(one) == 1 else {"anyOf": one}
+    if isinstance(choice, dict) or grammar.get("parallel_tool_calls") is False:
+        return call
+    return {"type": "array", "items": call, "minItems": 1}
+
+
+def forced_calls_text(answer: str) -> str:
+    """A forced-call JSON answer in the tagged form the `openai` dialect's parser reads ("" when it
+    does not parse: the reply then has no calls and says so)."""
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        log.warning("the engine's forced tool call is not JSON: %.200s", answer)
+        return ""
+    out = ""
+    for call in value if isinstance(value, list) else [value]:
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            out += TAGGED.begin(call["name"]) + json.dumps(call.get("arguments", {}), ensure_ascii=False) + TAGGED.end
+    return out
 
 
 class _CallWriter:

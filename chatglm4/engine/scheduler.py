@@ -111,6 +111,9 @@ class _Sequence:
             import xgrammar as xgr
 
             self.matcher = xgr.GrammarMatcher(self.params.grammar)
+        # The most positions this sequence can occupy in the batch's cache: admission keeps rows ×
+        # the widest reach within the cache's budget, so no running sequence ever runs out of room.
+        self.reach = self.n_prompt + self.params.max_tokens + 1
         self.adjuster = LogitsAdjuster(self.params, stream.prompt_ids) if needs_adjusting(self.params) else None
         # (token, its log-probability, the most likely tokens) for the tokens not yet in a delta.
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
@@ -128,7 +131,7 @@ class LocalEngine:
 
     def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
                  prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_cache_tokens: int = 0):
         from .batchkv import BatchKV
         from .prefixcache import PrefixCache
 
@@ -151,8 +154,13 @@ class LocalEngine:
         self._prefixes = PrefixCache(prefix_cache_tokens)
         # Called with each request's time to first token (seconds), e.g. by a metrics histogram.
         self.observe_ttft: Any = None
-        self._cache = BatchKV()
+        # rows × width of the batch's cache (0 = the larger of the context and 65,536 tokens). An idle
+        # engine admits one request whatever its reach, so a small budget limits concurrency, not length.
+        self.kv_cache_tokens = kv_cache_tokens or max(65536, self.context_length + 1)
+        self._cache = BatchKV(max_slots=max_batch, max_tokens=self.kv_cache_tokens)
         self._batch: list[_Sequence] = []
+        # A request admitted but waiting for room in the cache: first in line at the next admission.
+        self._held: _Sequence | None = None
         # Admitted, in arrival order, and not yet in the batch: their prompts are being prefilled.
         self._pending: list[_Sequence] = []
         self._running = 0
@@ -204,10 +212,13 @@ class LocalEngine:
         return stream
 
     def stats(self) -> EngineStats:
-        return EngineStats(waiting=self._queue.qsize(), running=self._running,
+        cache = self._cache  # read from another thread: one consistent object
+        return EngineStats(waiting=self._queue.qsize() + (self._held is not None), running=self._running,
                            tokens_generated=self._tokens_generated, prefill_tokens=self._prefill_tokens,
                            prefix_hit_tokens=self._prefixes.hit_tokens, steps=self._steps,
-                           prefill_chunks=self._prefill_chunks)
+                           prefill_chunks=self._prefill_chunks,
+                           kv_cache_usage=min(1.0, cache.rows * cache.width / self.kv_cache_tokens),
+                           kv_cache_bytes=cache.nbytes())
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the scheduler; every stream still open (running or waiting) ends with EngineError."""
@@ -248,11 +259,12 @@ class LocalEngine:
 
         self._batch = []
         self._pending = []
-        self._cache = BatchKV()
+        self._cache = BatchKV(max_slots=self.max_batch, max_tokens=self.kv_cache_tokens)
 
     def _fail_all(self, error: EngineError) -> None:
         """Ends every running and waiting stream with `error`."""
-        for seq in self._batch + self._pending:
+        held, self._held = ([self._held] if self._held is not None else []), None
+        for seq in self._batch + self._pending + held:
             if not seq.stream.done:
                 seq.stream.fail(error)
         while True:
@@ -264,31 +276,57 @@ class LocalEngine:
                 stream.fail(error)
 
     def _admit(self, block: bool) -> None:
-        """Moves waiting requests to `_pending` while the batch has room and this step's prefill
-        budget has tokens left over from the prompts already pending (waits for one when idle)."""
+        """Moves waiting requests to `_pending` while the batch has room (slots and cache) and this
+        step's prefill budget has tokens left over from the prompts already pending (waits for one
+        when idle)."""
         admitted: list[_Sequence] = []
         budget = self._step_budget(self.prefill_token_budget) - sum(s.n_prompt - s.computed for s in self._pending)
         while len(self._batch) + len(self._pending) + len(admitted) < self.max_batch and budget > 0:
-            try:
-                stream = self._queue.get(block=block and not admitted)
-            except queue.Empty:
+            seq = self._next_waiting(block=block and not admitted)
+            if seq is None:
                 break
-            if stream is None:
+            if not self._fits(seq, admitted):
+                self._held = seq  # its turn comes when running sequences have finished
                 break
-            if stream.abandoned():
-                stream.end()
-                continue
-            try:
-                seq = _Sequence(stream, self.tokenizer)
-            except Exception as exc:  # this request's own state (seed, grammar) is unusable
-                log.warning("request refused at admission: %s", exc)
-                stream.fail(EngineError(f"cannot start this request: {exc}"))
-                continue
-            seq.computed, seq.prefix = self._prefixes.longest(stream.prompt_ids)
+            seq.computed, seq.prefix = self._prefixes.longest(seq.stream.prompt_ids)
             admitted.append(seq)
             budget -= seq.n_prompt - seq.computed
         self._pending.extend(admitted)
         self._running = len(self._batch) + len(self._pending)
+
+    def _next_waiting(self, block: bool) -> _Sequence | None:
+        """The held request, else the next one in the queue that is still wanted and can start."""
+        if self._held is not None:
+            seq, self._held = self._held, None
+            if not seq.stream.abandoned():
+                return seq
+            seq.stream.end()
+        while True:
+            try:
+                stream = self._queue.get(block=block and self._held is None)
+            except queue.Empty:
+                return None
+            if stream is None:
+                return None
+            if stream.abandoned():
+                stream.end()
+                continue
+            try:
+                return _Sequence(stream, self.tokenizer)
+            except Exception as exc:  # this request's own state (seed, grammar) is unusable
+                log.warning("request refused at admission: %s", exc)
+                stream.fail(EngineError(f"cannot start this request: {exc}"))
+
+    def _fits(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
+        """Whether the cache's budget holds `seq` beside the running, pending and admitted sequences,
+        each at its reach (an empty engine takes any request)."""
+        from .batchkv import round_up
+
+        others = [*self._batch, *self._pending, *admitted]
+        if not others:
+            return True
+        widest = min(max(s.reach for s in [*others, seq]), self.context_length + 1)
+        return (len(others) + 1) * round_up(widest) <= self.kv_cache_tokens
 
     def _prefill_step(self) -> None:
         """This step's prefill: a prompt whose last chunk was computed joining the batch, or else
@@ -507,8 +545,8 @@ class LocalEngine:
                 seq.stream.put(seq.delta("", FinishReason.CANCELLED))
                 continue
             keep.append(r)
-        self._batch = [self._batch[r] for r in keep]
-        self._cache.keep(keep)
+        order = self._cache.keep(keep)
+        self._batch = [self._batch[r] for r in order]
 
     def _accept(self, seq: _Sequence, token: int) -> FinishReason | None:
         """Records one generated token for `seq` and emits its text; the finish reason once it ends."""

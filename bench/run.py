@@ -11,6 +11,7 @@ bounded and everything listens on 127.0.0.1 only."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -313,7 +314,8 @@ def write(rows: list[dict], extras: dict, reference: float, tserve_note: str, ll
         goal("c=32 throughput ≥ 1.5x transformers serve", f"{x:.2f}x", x >= 1.5)
     if 32 in ours:
         goal("c=32 p95 TTFT < 1 s", f"{ours[32]['ttft95']:.2f} s", ours[32]["ttft95"] < 1.0)
-    by_precision = {(precision_of(r["server"]), r["server"].startswith("llama"), r["c"]): r["tok_s"] for r in rows}
+    by_precision = {(precision_of(r["server"]), r["server"].startswith("llama"), r["c"]): r["tok_s"] for r in rows
+                    if precision_of(r["server"]) is not None}
     for (p, is_peer, c), peer_tok_s in sorted(by_precision.items()):
         mine = by_precision.get((p, False, c))
         if is_peer and c in (1, 32) and mine is not None:
@@ -361,6 +363,10 @@ def main() -> int:
         gap_rows = prefill_gap.measure([ModelServerConfig.prefill_chunk_tokens, 0], 1 if args.quick else 2)
         serial_rows, reference = bench_serial(args.quick)
         peer_rows, note = ([], "skipped (--skip-peer)") if args.skip_peer else bench_transformers_serve(args.quick)
+    # The measurements first, as they are: a failure while writing the tables loses nothing.
+    raw = {"rows": rows + serial_rows + peer_rows, "extras": extras, "reference": reference, "notes": [note, llama_note],
+           "soak": soak_row, "prefill_gap": gap_rows}
+    (HERE / "results.json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
     text = (write(rows + serial_rows + peer_rows, extras, reference, note, llama_note)
             + "\n" + soak.markdown(soak_row) + ("\n" + prefill_gap.markdown(gap_rows) if gap_rows else ""))
     (HERE / "results.md").write_text(text, encoding="utf-8")

@@ -119,14 +119,18 @@ class BatchKV:
     def _grow(self, slots: int, width: int, layers: int, like: torch.Tensor) -> None:
         """Reallocates the buffers when `slots` rows or `width` positions do not fit, keeping the rows
         in use. Slots double (up to what is asked), so a batch filling up reallocates a few times;
-        slots × capacity stays within `max_tokens`, narrowing a capacity no running row needs."""
+        slots × capacity stays within `max_tokens`."""
         if slots <= self.slots and width <= self.capacity:
             return
         width = max(width, self.width)
         budget = self.max_tokens or sys.maxsize
-        more = min(2 * self.slots, self.max_slots or sys.maxsize, budget // width)
+        # Doubling pays when the batch fills up; when a long row makes it wider, spare slots at the new
+        # width would cost as much to zero as the rows in use (joining a 3,200-token prompt beside 4
+        # short rows: 0.71 s with 8 slots).
+        more = min(2 * self.slots, self.max_slots or sys.maxsize, budget // width) if width <= self.capacity else 0
         new_slots = max(slots, more)
-        shape = (new_slots, like.shape[1], max(width, min(self.capacity, budget // new_slots)), like.shape[3])
+        # Only as wide as the rows need now: a long row that has left leaves no wide buffers behind.
+        shape = (new_slots, like.shape[1], width, like.shape[3])
         rows, valid = self.rows, self.width
         old = self.keys + self.values
         # Zeros, not empty: masked positions still enter attention (as 0 × V), and NaN there would spread.

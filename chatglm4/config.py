@@ -10,6 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TypeVar
 
+# How forced tool calls (tool_choice "required" or a named tool) reach a remote engine: "native" sends
+# tool_choice as it is (vLLM and SGLang enforce it with their guided decoding); "schema" asks for the
+# calls as a JSON answer under response_format, for engines that enforce a JSON schema but not
+# tool_choice (llama.cpp's server, for a model whose template has no tools).
+ENGINE_TOOL_CALL_MODES = ("native", "schema")
+
 
 def setting(default: Any, env: str | None, help: str, *, flag: str | None = None) -> Any:
     """A dataclass field carrying its environment variable and help line."""
@@ -141,8 +147,8 @@ def validate(config: Any) -> None:
             raise ConfigError(f"{f.name} must be positive")
         if f.name == "shutdown_grace" and value < 0:
             raise ConfigError("shutdown_grace must be 0 or more seconds")
-        if f.name == "engine_tool_calls" and value not in ("native", "schema"):
-            raise ConfigError(f"engine_tool_calls {value!r}: choose native or schema")
+        if f.name == "engine_tool_calls" and value not in ENGINE_TOOL_CALL_MODES:
+            raise ConfigError(f"engine_tool_calls {value!r}: choose {' or '.join(ENGINE_TOOL_CALL_MODES)}")
         if f.name == "kv_cache_tokens" and value < 0:
             raise ConfigError("kv_cache_tokens must be 0 (automatic) or positive")
         if f.name == "max_context" and value < 0:

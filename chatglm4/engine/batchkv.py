@@ -7,7 +7,7 @@ writes one new position per row, at that row's length, and hands the model views
 `rows` slots and `width` positions; a 4D mask hides each row's unused tail. Rows join after their own
 prefill (copied into free slots once) and leave when they finish (the last row moves into the hole),
 so requests enter and leave between decode steps (continuous batching) without a per-step copy,
-and the buffers are only reallocated when the batch grows wider or taller than it ever was. The
+and the buffers are only reallocated when the batch needs more rows or positions than they hold. The
 scheduler keeps rows × width within `max_tokens` (`KV_CACHE_TOKENS`), so the cache's memory has a
 configured ceiling instead of following the allocator's fragmentation."""
 

@@ -26,6 +26,7 @@ from typing import Any
 import requests
 
 from . import EngineBusy, EngineError, EngineStats, FinishReason, GenerationStream, Delta, SamplingParams
+from ..config import ENGINE_TOOL_CALL_MODES
 from ..toolcalls import TAGGED
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ class RemoteEngine:
     def __init__(self, url: str, *, model: str | None = None, context_length: int | None = None,
                  tokenizer: Any = None, connect_timeout: float = 5.0, read_timeout: float = 300.0,
                  tool_calls: str = "native"):
-        if tool_calls not in TOOL_CALL_MODES:
-            raise ValueError(f"tool_calls must be one of {', '.join(TOOL_CALL_MODES)}")
+        if tool_calls not in ENGINE_TOOL_CALL_MODES:
+            raise ValueError(f"tool_calls must be one of {', '.join(ENGINE_TOOL_CALL_MODES)}")
         self.root = api_root(url)
         self.tool_calls = tool_calls
         self.timeout = (connect_timeout, read_timeout)
@@ -254,9 +255,8 @@ class RemoteEngine:
         stream = GenerationStream(prompt_ids, params)
         with self._lock:
             self._open.add(stream)
-        forced = body.get("response_format", {}).get("json_schema", {}).get("name") == "tool_calls" \
-            and body.get("tool_choice") == "none"
-        threading.Thread(target=self._relay, args=(resp, stream, path == "/v1/chat/completions", forced),
+        threading.Thread(target=self._relay, args=(resp, stream, path == "/v1/chat/completions",
+                                                   self._calls_as_schema(params)),
                          name="remote-stream", daemon=True).start()
         return stream
 
@@ -291,14 +291,19 @@ class RemoteEngine:
             body.update({k: v for k, v in params.grammar.items() if k != "type"})
             if "tool_choice" in params.grammar:
                 body["tools"] = prompt.tools
-                forced = forced_call_schema(prompt.tools or [], params.grammar) if self.tool_calls == "schema" else None
-                if forced is not None:
-                    # The calls as a JSON answer the engine must give; the tools stay listed for its
-                    # template, with tool_choice "none" so that it does not parse calls of its own.
-                    body.update(tool_choice="none", response_format={"type": "json_schema", "json_schema": {
-                        "name": "tool_calls", "schema": forced, "strict": True}})
-                    body.pop("parallel_tool_calls", None)
+            if self._calls_as_schema(params):
+                # The calls as a JSON answer the engine must give; the tools stay listed for its
+                # template, with tool_choice "none" so that it does not parse calls of its own.
+                body.update(tool_choice="none", response_format={"type": "json_schema", "json_schema": {
+                    "name": "tool_calls", "schema": forced_call_schema(prompt.tools or [], params.grammar),
+                    "strict": True}})
+                body.pop("parallel_tool_calls", None)
         return "/v1/chat/completions", body
+
+    def _calls_as_schema(self, params: SamplingParams) -> bool:
+        """Whether this request's forced tool calls travel as a JSON schema (`--engine-tool-calls schema`)."""
+        return (self.tool_calls == "schema" and isinstance(params.grammar, dict)
+                and forces_calls(params.grammar.get("tool_choice")))
 
     def _relay(self, resp: requests.Response, stream: GenerationStream, chat: bool, forced: bool = False) -> None:
         """Upstream SSE chunks as Deltas; a cancelled stream closes the upstream response, which
@@ -358,24 +363,21 @@ class RemoteEngine:
                 self._prompted += prompt_tokens
 
 
-# How tool calls that must happen (tool_choice "required" or a named tool) reach the engine:
-# "native" sends tool_choice as it is (vLLM and SGLang enforce it with their guided decoding);
-# "schema" asks for the calls as a JSON answer under response_format, for engines that enforce a
-# JSON schema but not tool_choice (llama.cpp's server, for a model whose template has no tools).
-TOOL_CALL_MODES = ("native", "schema")
+def forces_calls(choice: Any) -> bool:
+    """Whether a tool_choice makes the reply calls: "required" or a named tool."""
+    return choice == "required" or isinstance(choice, dict)
 
 
 def forced_call_schema(tools: list[dict], grammar: dict) -> dict | None:
     """The JSON schema of the calls a request forces: one {"name", "arguments"} object (a named
     tool, or parallel calls off), else an array of at least one; None when calls are not forced."""
     choice = grammar.get("tool_choice")
+    if not forces_calls(choice):
+        return None
+    offered = tools
     if isinstance(choice, dict):
         wanted = (choice.get("function") or {}).get("name")
         offered = [t for t in tools if t["function"]["name"] == wanted]
-    elif choice == "required":
-        offered = tools
-    else:
-        return None
     one = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                               "arguments": t["function"].get("parameters") or {"type": "object"}},
             "required": ["name", "arguments"], "additionalProperties": False} for t in offered]

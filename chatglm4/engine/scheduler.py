@@ -303,7 +303,7 @@ class LocalEngine:
             seq.stream.end()
         while True:
             try:
-                stream = self._queue.get(block=block and self._held is None)
+                stream = self._queue.get(block=block)
             except queue.Empty:
                 return None
             if stream is None:

@@ -100,8 +100,9 @@ def measure(name: str, url: str, quick: bool, levels=LEVELS, extra: dict | None 
 
 def bench_ours(quick: bool) -> tuple[list[dict], dict]:
     port, gport = free_port(), free_port()
-    ms = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--max-batch", "32", "--max-waiting", "256"],
-              f"http://127.0.0.1:{port}", "bench-model-server.log")
+    # float32 explicitly: `auto` is bf16 on CPUs with bf16 instructions, which has a row of its own.
+    ms = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--max-batch", "32", "--max-waiting", "256",
+               *FP32], f"http://127.0.0.1:{port}", "bench-model-server.log")
     gw = None
     try:
         ms.wait()
@@ -137,6 +138,7 @@ def bench_ours(quick: bool) -> tuple[list[dict], dict]:
 
 
 # Our server at the other precisions (`DTYPE`, `QUANTIZE`), throughput only: float32 is bench_ours.
+FP32 = ["--dtype", "float32"]
 PRECISIONS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
 
 
@@ -347,7 +349,7 @@ def main() -> int:
     print("machine:", machine(), flush=True)
     extras: dict = {}
     if args.engine_only:
-        rows = bench_precisions(args.quick, {"fp32": []})
+        rows = bench_precisions(args.quick, {"fp32": FP32})
     else:
         rows, extras = bench_ours(args.quick)
     llama_rows, llama_note = ([], "skipped (--skip-llama)") if args.skip_llama else bench_llama(args.quick, "fp32")

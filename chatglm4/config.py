@@ -42,7 +42,7 @@ class ModelServerConfig:
     tokenizer: str | None = setting(None, "TOKENIZER", "with engine_url: local folder of the served model's tokenizer, for exact prompt lengths; default: the engine's /tokenize, else an estimate")
     host: str = setting("127.0.0.1", "MODEL_SERVER_HOST", "address to bind")
     port: int = setting(8001, "MODEL_SERVER_PORT", "port to bind")
-    dtype: str = setting("auto", "DTYPE", "auto (bf16 on GPU, float32 on CPU: bf16 is faster on CPUs with AVX512-BF16 but makes greedy output depend on the batch), float32, bfloat16 or float16")
+    dtype: str = setting("auto", "DTYPE", "auto (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, float32 on other CPUs), float32, bfloat16 or float16")
     max_memory: str | None = setting(None, "MAX_MEMORY", "per-device memory cap for device_map=auto, e.g. '0=20GiB,1=22GiB,cpu=0'")
     quantize: str | None = setting(None, "QUANTIZE", "int8 or int4 weight-only quantization after loading (CPU: torch's int8/int4 kernels, GPU: torchao); 8bit and 4bit are aliases; unset = full precision")
     gpus: str | None = setting(None, "GPUS", "comma-separated GPU indices to place the model on, e.g. '0,1'; default: every visible GPU")

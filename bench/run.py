@@ -314,8 +314,9 @@ def write(rows: list[dict], extras: dict, reference: float, tserve_note: str, ll
     if 32 in ours and 32 in peer:
         x = ours[32]["tok_s"] / peer[32]["tok_s"]
         goal("c=32 throughput ≥ 1.5x transformers serve", f"{x:.2f}x", x >= 1.5)
-    if 32 in ours:
-        goal("c=32 p95 TTFT < 1 s", f"{ours[32]['ttft95']:.2f} s", ours[32]["ttft95"] < 1.0)
+    for r in rows:  # float32 and bf16 (`DTYPE=auto` on CPUs with bf16 instructions)
+        if r["c"] == 32 and precision_of(r["server"]) in ("fp32", "bf16") and r["server"].startswith("chatglm4-web"):
+            goal(f"c=32 p95 TTFT < 1 s ({precision_of(r['server'])})", f"{r['ttft95']:.2f} s", r["ttft95"] < 1.0)
     by_precision = {(precision_of(r["server"]), r["server"].startswith("llama"), r["c"]): r["tok_s"] for r in rows
                     if precision_of(r["server"]) is not None}
     for (p, is_peer, c), peer_tok_s in sorted(by_precision.items()):
@@ -324,7 +325,7 @@ def write(rows: list[dict], extras: dict, reference: float, tserve_note: str, ll
             goal(f"{p} c={c}: ours ≥ llama-server", f"{mine:.1f} vs {peer_tok_s:.1f} tok/s", mine >= peer_tok_s)
     if 1 in ours and reference:
         ratio = ours[1]["tok_s"] / reference
-        goal("c=1 within 10% of in-process model.generate", f"{ours[1]['tok_s']:.1f} vs {reference:.1f} tok/s "
+        goal("c=1 within 10% of in-process model.generate (fp32)", f"{ours[1]['tok_s']:.1f} vs {reference:.1f} tok/s "
              f"({ratio * 100:.0f}%)", ratio >= 0.9)
     if not extras:  # --engine-only
         return "\n".join(lines) + "\n"

@@ -27,7 +27,8 @@ def main() -> int:
 
     from chatglm4.engine import modelload
 
-    loaded = modelload.load(args.model)
+    # float32: the original demo's precision, and that of the "ours" row the reference is compared with.
+    loaded = modelload.load(args.model, dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
     lock = threading.Lock()
 

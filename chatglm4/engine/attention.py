@@ -30,10 +30,14 @@ def register() -> None:
         _registered = True
 
 
-def use_batch_invariant_attention(model: Any) -> None:
-    """Switches a loaded transformers model to this attention (CPU engines)."""
+def use_batch_invariant_attention(model: Any) -> bool:
+    """Switches a loaded transformers model to this attention (CPU engines); False, leaving the model
+    as it is, for attention this does not compute (soft-capped scores, as Gemma 2's)."""
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        return False
     register()
     model.set_attn_implementation(ATTENTION)
+    return True
 
 
 def invariant_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,

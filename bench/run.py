@@ -235,7 +235,8 @@ def safetensors_copy() -> Path:
     if not (folder / "config.json").exists():
         from chatglm4.engine import modelload
 
-        loaded = modelload.load(None)
+        # float32 and unpacked: the weights as the file holds them, in plain nn.Linear layers to save.
+        loaded = modelload.load(None, dtype="float32", pack_cpu=False)
         config = loaded.model.config
         if hasattr(config, "quantization_config"):  # GGUF-loaded models refuse to save as themselves
             del config.quantization_config

@@ -304,7 +304,13 @@ def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
         torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if gguf:
+        from transformers.utils.quantization_config import GgufConfig
+
         kwargs["gguf_file"] = gguf
+        # Plain weights, always: we pack or quantize them ourselves. Left to choose, transformers keeps
+        # the GGUF blocks wherever the `kernels` package is installed (then there is no nn.Linear to
+        # pack), and warns that bf16 is slow for such blocks even when it goes on to dequantize them.
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf, dequantize=True)
     if used_gpus:
         kwargs["device_map"] = "auto"
         mm = parse_max_memory(max_memory)

@@ -182,8 +182,7 @@ class PromptKV:
 
     def chunk_mask(self, t: int, attn_implementation: str, dtype: torch.dtype, device: Any) -> torch.Tensor:
         """[1, 1, t, length + t]: the chunk's token i sees the cached positions and chunk tokens up to i."""
-        visible = torch.arange(self.length + t)[None, :] <= (self.length + torch.arange(t))[:, None]
-        return _attention_mask(visible[None, None], attn_implementation, dtype, device)
+        return prefill_mask([self.length + t], self.length, t, attn_implementation, dtype, device)
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) of the valid positions, [1, heads, length, dim] (views)."""

@@ -188,13 +188,13 @@ def _packed_linear(linear: Any) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, x.shape[-1])
-            if flat.shape[0] == 1:
+            rows = flat.shape[0]
+            if rows == 1:
                 # oneDNN computes a single row with a kernel of its own that rounds differently from the
                 # one for several rows: a request decoded alone would read differently from the same one
                 # decoded in a batch. Two rows take the batch's kernel, at the cost of one.
-                y = torch.ops.mkldnn._linear_pointwise(flat.expand(2, -1), self.packed, self.bias, "none", [], "")[:1]
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+                flat = flat.expand(2, -1)
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")[:rows]
             return y.reshape(*x.shape[:-1], self.out_features)
 
     return _PackedLinear(linear.weight, linear.bias)

@@ -375,7 +375,7 @@ class LocalEngine:
             ids[i, :lengths[i] - n] = torch.tensor(s.stream.prompt_ids[n:])
         model = self.loaded.model
         mask = prefill_mask(lengths, n, width, model.config._attn_implementation, model.dtype, device)
-        cache = DynamicCache(config=self.loaded.model.config)
+        cache = DynamicCache(config=model.config)
         if n:
             prefixes = [s.prefix for s in seqs]
             for layer_idx in range(len(prefixes[0])):
@@ -386,8 +386,8 @@ class LocalEngine:
         last = torch.tensor([length - n - 1 for length in lengths])
         # Logits of each row's last prompt token only: all of them would be [rows, width, vocab].
         out = model(input_ids=ids.to(device), attention_mask=mask,
-                                position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
-                                past_key_values=cache, use_cache=True, logits_to_keep=last[:, None].to(device))
+                    position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
+                    past_key_values=cache, use_cache=True, logits_to_keep=last[:, None].to(device))
         self._prefill_tokens += sum(lengths) - n * len(seqs)
         logits = out.logits[:, -1, :].float().cpu()  # [rows, vocab]
         layers = [(layer.keys, layer.values) for layer in cache.layers]

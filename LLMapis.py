@@ -264,7 +264,8 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
                             max_context=config.max_context, quantize=config.quantize, gpus=config.gpus)
     engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch,
                          prefix_cache_tokens=config.prefix_cache_tokens,
-                         prefill_chunk_tokens=config.prefill_chunk_tokens, kv_cache_tokens=config.kv_cache_tokens)
+                         prefill_chunk_tokens=config.prefill_chunk_tokens, kv_cache_tokens=config.kv_cache_tokens,
+                         prefill_chunk_seconds=config.prefill_chunk_seconds)
     kernel = Kernel(engine, default_max_tokens=config.default_max_tokens,
                     default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
     try:

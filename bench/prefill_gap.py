@@ -1,12 +1,13 @@
 """`make bench`'s long-prompt scenario: 4 streams are decoding when a ~3,184-token prompt arrives.
 
 Without chunked prefill the engine computes that prompt in one forward before its next decode step,
-so every decoding stream pauses for the whole prefill. For each PREFILL_CHUNK_TOKENS setting (0 =
-off) a fresh model server is started and this reports the decoding streams' longest and p99 pause
-between tokens from the long prompt's arrival until 1 s after its first token, their median pause
-before it arrived, and the long prompt's own time to first token.
+so every decoding stream pauses for the whole prefill. For each setting of PREFILL_CHUNK_TOKENS (0 =
+off) and PREFILL_CHUNK_SECONDS (0 = chunks of a fixed size) a fresh model server is started and this
+reports the decoding streams' longest and p99 pause between tokens from the long prompt's arrival
+until 1 s after its first token, their median pause before it arrived, and the long prompt's own time
+to first token.
 
-    python bench/prefill_gap.py [--chunks 64,0] [--trials 2]
+    python bench/prefill_gap.py [--settings 64:0.25,64:0,0:0] [--trials 2]
 
 Pauses are measured at the client, between server-sent events carrying text."""
 
@@ -171,24 +172,48 @@ def calm_trial(url: str, max_contention: float, attempts: int = 4) -> dict:
     return min(results, key=lambda r: r["contention"] if r["contention"] == r["contention"] else 0.0)
 
 
-def measure(chunks: list[int], trials: int, max_contention: float = 0.15) -> list[dict]:
-    """For each chunk size, a fresh model server and `trials` long prompts; the worst trial's pauses."""
+def default_settings() -> list[tuple[int, float]]:
+    """The defaults (chunks paced by time), the same chunks at a fixed size, and chunking off."""
+    tokens, seconds = ModelServerConfig.prefill_chunk_tokens, ModelServerConfig.prefill_chunk_seconds
+    return [(tokens, seconds), (tokens, 0.0), (0, 0.0)]
+
+
+def parse_settings(text: str) -> list[tuple[int, float]]:
+    """'64:0.25,64:0,0' -> [(64, 0.25), (64, 0.0), (0, 0.0)]"""
+    out = []
+    for item in text.split(","):
+        tokens, _, seconds = item.partition(":")
+        out.append((int(tokens), float(seconds or 0)))
+    return out
+
+
+def measure(settings: list[tuple[int, float]], trials: int, max_contention: float = 0.15) -> list[dict]:
+    """For each (PREFILL_CHUNK_TOKENS, PREFILL_CHUNK_SECONDS), a fresh model server and `trials` long
+    prompts; the worst trial's pauses."""
     rows = []
-    for chunk in chunks:
+    for chunk, seconds in settings:
         port = free_port()
-        server = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--prefill-chunk-tokens", str(chunk)],
+        server = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--prefill-chunk-tokens", str(chunk),
+                       "--prefill-chunk-seconds", str(seconds)],
                       f"http://127.0.0.1:{port}", "bench-prefill-gap.log")
         try:
             server.wait()
             results = [calm_trial(server.url, max_contention) for _ in range(trials)]
         finally:
             server.stop()
-        row = {"chunk": chunk, **max(results, key=lambda r: r["max_gap"]),
+        row = {"chunk": chunk, "chunk_seconds": seconds, **max(results, key=lambda r: r["max_gap"]),
                "ttft": sorted(r["ttft"] for r in results)[len(results) // 2]}
         rows.append(row)
-        print(f"  prefill chunk {chunk or 'off'}: max gap {row['max_gap']:.2f} s, p99 {row['p99_gap']:.2f} s, "
+        print(f"  prefill chunk {label(row)}: max gap {row['max_gap']:.2f} s, p99 {row['p99_gap']:.2f} s, "
               f"long prompt TTFT {row['ttft']:.2f} s, CPU contention {row['contention']:.0%}", flush=True)
     return rows
+
+
+def label(row: dict) -> str:
+    if not row["chunk"]:
+        return "off"
+    seconds = row.get("chunk_seconds") or 0
+    return f"{row['chunk']} tokens" + (f", paced to {seconds:g} s" if seconds else ", fixed")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -197,24 +222,25 @@ def markdown(rows: list[dict]) -> str:
              f"until {AFTER_FIRST_TOKEN_S:.0f} s after its first token (worst trial), and its time to first token "
              "(median trial).",
              "",
-             "| PREFILL_CHUNK_TOKENS | prompt tokens | max pause s | p99 pause s | median pause s "
+             "| chunked prefill | prompt tokens | max pause s | p99 pause s | median pause s "
              "| median pause before s | long prompt TTFT s | CPU contention |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['chunk'] or '0 (off)'} | {r['prompt_tokens']} | {r['max_gap']:.2f} | {r['p99_gap']:.2f} "
+        lines.append(f"| {label(r)} | {r['prompt_tokens']} | {r['max_gap']:.2f} | {r['p99_gap']:.2f} "
                      f"| {r['p50_gap']:.2f} | {r['before_p50']:.2f} | {r['ttft']:.1f} | {r['contention']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chunks", default=f"{ModelServerConfig.prefill_chunk_tokens},0",
-                        help="PREFILL_CHUNK_TOKENS values to compare (0 = off); default: the setting's default and 0")
+    parser.add_argument("--settings", type=parse_settings, default=default_settings(),
+                        help="TOKENS:SECONDS pairs of PREFILL_CHUNK_TOKENS and PREFILL_CHUNK_SECONDS to compare "
+                             "(0 tokens = off, 0 seconds = fixed size); default: the defaults, fixed size, off")
     parser.add_argument("--trials", type=int, default=2, help="long prompts per setting")
     parser.add_argument("--max-contention", type=float, default=0.15,
                         help="repeat a trial (up to 4 times) when something waited for a CPU longer than this share of it")
     args = parser.parse_args()
-    print(markdown(measure([int(c) for c in args.chunks.split(",")], args.trials, args.max_contention)))
+    print(markdown(measure(args.settings, args.trials, args.max_contention)))
     return 0
 
 

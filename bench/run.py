@@ -3,7 +3,7 @@ baseline and `transformers serve --continuous-batching` on the same model, the s
 same forced number of generated tokens, in one run; ours and llama-server at float32, bf16 and int4
 side by side (ours at int8 too); then book search and the gateway's added latency, memory before and
 after a 200-client soak (bench/soak.py), and a long prompt arriving while streams decode
-(bench/prefill_gap.py, chunked prefill on and off). Writes bench/results.md.
+(bench/prefill_gap.py: chunks paced by time, of a fixed size, and off). Writes bench/results.md.
 
 Every server runs alone (the others are stopped) so they do not share the CPU. Request loops are
 bounded and everything listens on 127.0.0.1 only."""
@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import load  # noqa: E402
-from chatglm4.config import ModelServerConfig  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a story about a robot."}]
 TOKENS = 64
@@ -364,7 +363,7 @@ def main() -> int:
     soak_row = soak.measure(200, 1 if args.quick else 2)
     gap_rows, serial_rows, peer_rows, reference, note = [], [], [], 0.0, "skipped (--engine-only)"
     if not args.engine_only:
-        gap_rows = prefill_gap.measure([ModelServerConfig.prefill_chunk_tokens, 0], 1 if args.quick else 2)
+        gap_rows = prefill_gap.measure(prefill_gap.default_settings(), 1 if args.quick else 2)
         serial_rows, reference = bench_serial(args.quick)
         peer_rows, note = ([], "skipped (--skip-peer)") if args.skip_peer else bench_transformers_serve(args.quick)
     # The measurements first, as they are: a failure while writing the tables loses nothing.

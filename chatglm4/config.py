@@ -53,6 +53,7 @@ class ModelServerConfig:
     prefix_cache_tokens: int = setting(8192, "PREFIX_CACHE_TOKENS", "prompt-prefix tokens whose key/value cache is kept for reuse; 0 = off")
     kv_cache_tokens: int = setting(0, "KV_CACHE_TOKENS", "ceiling of the running batch's key/value cache, in token slots (rows × width, each row reserved to its prompt + max_tokens): requests past it wait their turn; 0 = the larger of the context and 65536")
     prefill_chunk_tokens: int = setting(64, "PREFILL_CHUNK_TOKENS", "prompt tokens prefilled per step while streams decode, so a long prompt pauses them a chunk at a time (CPU: tens, GPU: hundreds); 0 = whole prompts at once")
+    prefill_chunk_seconds: float = setting(0.25, "PREFILL_CHUNK_SECONDS", "the time a chunk may take: chunks hold fewer tokens than prefill_chunk_tokens where a token costs more (deep into a long prompt, on a slow machine), sized from the timing of earlier forwards; 0 = always prefill_chunk_tokens")
     max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
     search_candidates: int = _search_candidates()
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")
@@ -153,6 +154,8 @@ def validate(config: Any) -> None:
             raise ConfigError("kv_cache_tokens must be 0 (automatic) or positive")
         if f.name == "max_context" and value < 0:
             raise ConfigError("max_context must be 0 (the model's) or positive")
+        if f.name in ("prefill_chunk_tokens", "prefill_chunk_seconds") and not value >= 0:
+            raise ConfigError(f"{f.name} must be 0 (off) or positive")
     if isinstance(config, ModelServerConfig):
         if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {config.dtype!r}: choose auto, float32, bfloat16 or float16")

@@ -175,3 +175,49 @@ def test_readme_documents_every_setting():  # and every route: test_openapi_is_b
     for cls in (cfg.ModelServerConfig, cfg.GatewayConfig):
         for flag, env, _, _ in cfg.settings_table(cls):
             assert f"`{flag}`" in readme and f"`{env}`" in readme, flag
+
+
+def _paced_chunks(pacer, prompt: int, cost) -> list[tuple[int, int, float]]:
+    """(start, tokens, seconds) of each chunk of a prompt prefilled by `pacer` on a machine where a
+    forward over t tokens after p costs cost(p, t)."""
+    chunks, start = [], 0
+    while start < prompt:
+        tokens = min(pacer.tokens(start), prompt - start)
+        chunks.append((start, tokens, cost(start, tokens)))
+        pacer.observe(start, tokens, cost(start, tokens))
+        start += tokens
+    return chunks
+
+
+@pytest.mark.parametrize("fixed, per_token, per_pair", [
+    (0.05, 0.001, 2e-6),    # 2 CPU cores, roughly: a 64-token chunk 0.12 s at the start, 0.45 s at 2,800
+    (0.10, 0.004, 8e-6),    # a machine four times slower
+    (0.002, 1e-5, 2e-8),    # a GPU: every chunk fits, at full size
+])
+def test_chunk_sizes_follow_the_time_per_chunk(fixed, per_token, per_pair):
+    from chatglm4.engine.pacing import MIN_CHUNK_TOKENS, ChunkPacer
+
+    def cost(p, t):
+        return fixed + per_token * t + per_pair * t * (p + t / 2)
+
+    pacer = ChunkPacer(0.25, 256)
+    chunks = _paced_chunks(pacer, 3200, cost)
+    assert sum(t for _, t, _ in chunks) == 3200
+    # After the first chunk (sized before any timing), each keeps to the time, unless at the minimum.
+    assert all(s <= 0.25 * 1.02 or t == MIN_CHUNK_TOKENS for _, t, s in chunks[2:])
+    # ... and is not much smaller than it could be: the next token would have gone past it.
+    assert all(cost(p, t * 1.2 + 1) > 0.25 or t == 256 for p, t, _ in chunks[2:-1])
+    sizes = [t for _, t, _ in chunks[:-1]]
+    assert sizes == sorted(sizes, reverse=True)  # further into the prompt, fewer tokens
+
+
+def test_chunk_pacer_starts_at_full_size_and_counts_the_rows_of_a_batch():
+    from chatglm4.engine.pacing import ChunkPacer
+
+    pacer = ChunkPacer(0.2, 64)
+    assert pacer.tokens(0) == 64 and pacer.predict(0, 64) is None
+    for tokens in (20, 30, 40, 30):  # 8 prompts at once, at 0.5 ms a token
+        pacer.observe(0, tokens, 0.0005 * 8 * tokens, rows=8)
+    assert 0.02 < pacer.predict(0, 64) < 0.04  # one prompt of 64 tokens: 64 x 0.5 ms
+    with pytest.raises(ValueError):
+        ChunkPacer(0, 64)

@@ -7,6 +7,7 @@ depend on the batch it runs in."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -200,13 +201,30 @@ def _packed_linear(linear: Any) -> Any:
     return _PackedLinear(linear.weight, linear.bias)
 
 
+@functools.cache
+def onednn_packs(dtype: Any) -> bool:
+    """Whether oneDNN can pack linear weights of `dtype` on this CPU: float32 wherever torch has
+    oneDNN; bf16 only with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT, without which it refuses (an AVX2
+    CPU running `--dtype bfloat16` keeps plain linears)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(2, 2, dtype=dtype), None)
+    except RuntimeError as exc:
+        log.info("oneDNN cannot pack %s weights on this CPU (%s): plain linears", dtype, exc)
+        return False
+    return True
+
+
 def pack_for_cpu(model: Any) -> int:
     """Packs every float32 or bf16 linear layer of a model on CPU for oneDNN (`_packed_linear`);
     returns how many. (MKL's own packed float32 GEMM is no substitute: it only pays for the one
     batch size it was packed for.)"""
     import torch
 
-    if not torch.backends.mkldnn.is_available() or model.dtype not in (torch.float32, torch.bfloat16):
+    if not onednn_packs(model.dtype):
         return 0
     count = 0
     for module in list(model.modules()):

@@ -3,15 +3,17 @@
 One scheduler thread owns the model; callers enqueue requests and read deltas from their own stream,
 so the HTTP threads never touch torch. The queue is bounded: past it, `EngineBusy` at once.
 
-Each step of the loop reads like vLLM's: admit waiting requests, run at most `prefill_chunk_tokens`
-prompt tokens of prefill, run one decode forward for every running sequence, sample, decide with
-`check_stop` which sequences ended, and `_retire` the finished and cancelled rows.
+Each step of the loop reads like vLLM's: admit waiting requests, run at most a chunk of prefill,
+run one decode forward for every running sequence, sample, decide with `check_stop` which sequences
+ended, and `_retire` the finished and cancelled rows.
 
 While streams are decoding, prefill keeps to a per-step token budget (chunked prefill, vLLM's
 default): admitted prompts are taken in arrival order; those that fit whole are prefilled together in
 one batched forward, and the first that does not fit gets the rest of the budget as a chunk, its
 partial cache kept (`PromptKV`) until the next step. So a long prompt pauses the decoding streams by
-one chunk per step, not by its whole prefill, and joins the batch the step after its last. With no
+one chunk per step, not by its whole prefill, and joins the batch the step after its last. The budget
+is `prefill_chunk_tokens`, or fewer where the forwards timed so far say those would take longer than
+`prefill_chunk_seconds` (`pacing.ChunkPacer`): deep into a long prompt, or on a slow machine. With no
 stream decoding there is nobody to pause: prompts are prefilled whole, as fast as they can be."""
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ GREEDY_BELOW = 1e-5
 # pause less but pay each forward's fixed cost more often; on a GPU, where that cost is small, use
 # hundreds.
 PREFILL_CHUNK_TOKENS = 64
+# ... unless fewer tokens fill this many seconds: further into a long prompt each token costs more
+# (attention over all before it), so chunks shrink to keep each step's pause (`pacing.ChunkPacer`).
+PREFILL_CHUNK_SECONDS = 0.25
 
 
 def check_stop(*, end_token: bool, stop_string: bool, grammar_done: bool, generated: int, max_tokens: int,
@@ -104,12 +109,16 @@ class LocalEngine:
 
     def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
                  prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_cache_tokens: int = 0):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_cache_tokens: int = 0,
+                 prefill_chunk_seconds: float = PREFILL_CHUNK_SECONDS):
         from .batchkv import BatchKV
+        from .pacing import ChunkPacer
         from .prefixcache import PrefixCache
 
         if prefill_chunk_tokens < 0:
             raise ValueError("prefill_chunk_tokens must be 0 (whole prompts) or positive")
+        if prefill_chunk_seconds < 0:
+            raise ValueError("prefill_chunk_seconds must be 0 (chunks of prefill_chunk_tokens) or positive")
         self.loaded = loaded
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
@@ -120,6 +129,9 @@ class LocalEngine:
         # Unchunked (0): every admitted prompt is prefilled whole, at most this many tokens a step.
         self.prefill_token_budget = prefill_token_budget
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        # Times every prefill forward and sizes chunks by it (None: every chunk prefill_chunk_tokens).
+        self._pacer = (ChunkPacer(prefill_chunk_seconds, prefill_chunk_tokens)
+                       if prefill_chunk_tokens and prefill_chunk_seconds else None)
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
         self._grammar = None
         self._grammar_lock = threading.Lock()
@@ -321,9 +333,12 @@ class LocalEngine:
         if chunk is not None:
             self._prefill_chunk(*chunk)
 
-    def _step_budget(self, unchunked: int) -> int:
-        """Prompt tokens this step may prefill: the chunk budget while streams decode, else `unchunked`."""
-        return self.prefill_chunk_tokens if self.prefill_chunk_tokens and self._batch else unchunked
+    def _step_budget(self, unchunked: int, start: int = 0) -> int:
+        """Prompt tokens this step may prefill from position `start` of a prompt: the chunk budget
+        while streams decode, else `unchunked`."""
+        if not (self.prefill_chunk_tokens and self._batch):
+            return unchunked
+        return self._pacer.tokens(start) if self._pacer else self.prefill_chunk_tokens
 
     def _plan(self) -> tuple[list[_Sequence], tuple[_Sequence, int] | None]:
         """Pending prompts in arrival order within the step's token budget: those that fit whole,
@@ -338,7 +353,8 @@ class LocalEngine:
                 continue
             # Arrival order, as in vLLM: a prompt being chunked keeps the budget until it is done, so
             # no prompt waits forever behind a stream of shorter ones.
-            return whole, ((seq, min(remaining, budget)) if budget > 0 else None)
+            tokens = min(remaining, budget, self._step_budget(sys.maxsize, seq.computed))
+            return whole, ((seq, tokens) if tokens > 0 else None)
         return whole, None
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
@@ -384,12 +400,15 @@ class LocalEngine:
         for s in seqs:
             s.prefix = None
         last = torch.tensor([length - n - 1 for length in lengths])
+        began = time.perf_counter()
         # Logits of each row's last prompt token only: all of them would be [rows, width, vocab].
         out = model(input_ids=ids.to(device), attention_mask=mask,
                     position_ids=torch.arange(n, n + width, device=device)[None, :].expand(len(seqs), -1),
                     past_key_values=cache, use_cache=True, logits_to_keep=last[:, None].to(device))
         self._prefill_tokens += sum(lengths) - n * len(seqs)
         logits = out.logits[:, -1, :].float().cpu()  # [rows, vocab]
+        if self._pacer:
+            self._pacer.observe(n, width, time.perf_counter() - began, rows=len(seqs))
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for i, s in enumerate(seqs):
             self._prefixes.store(s.stream.prompt_ids, layers, i)
@@ -417,15 +436,19 @@ class LocalEngine:
         start, end = kv.length, kv.length + tokens
         ids = torch.tensor([seq.stream.prompt_ids[start:end]], device=device)
         mask = kv.chunk_mask(tokens, model.config._attn_implementation, model.dtype, device)
+        began = time.perf_counter()
         # On CPU the model's attention (engine/attention.py) groups query heads onto the cached
         # key/value heads itself: a long prompt's cache is never copied per query head.
         out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(start, end, device=device)[None, :],
                     past_key_values=kv, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float().cpu()  # [1, vocab]; on a GPU, the copy waits for the forward
+        if self._pacer:
+            self._pacer.observe(start, tokens, time.perf_counter() - began)
         kv.length = seq.computed = end
         self._prefill_tokens += tokens
         self._prefill_chunks += 1
         if end == seq.n_prompt:
-            seq.last_logits = out.logits[:, -1, :].float().cpu()  # [1, vocab]
+            seq.last_logits = logits
 
     def _join_chunked(self, seq: _Sequence) -> None:
         """Moves a prompt whose chunks are all computed into the batch, with its first token."""

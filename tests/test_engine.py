@@ -238,6 +238,29 @@ def test_chunks_shrink_to_the_time_a_chunk_may_take(kernel):
         engine.shutdown()
 
 
+def test_the_batch_cache_grows_for_a_chunked_prompt_before_its_first_chunk(kernel):
+    """The join step (which also decodes at the new width) does not reallocate the batch's cache: it
+    was grown to the prompt's length in a step before the first chunk."""
+    engine = LocalEngine(kernel.engine.loaded, prefill_chunk_tokens=CHUNK, prefill_chunk_seconds=0,
+                         prefix_cache_tokens=0)
+    try:
+        ids = long_prompt(engine, lines=20)
+        seen: list[tuple[int, int, int]] = []  # (chunks, reallocations, capacity) at each running delta
+        with decoding(engine) as running:
+            put = running.put
+            running.put = lambda delta: (seen.append((engine.stats().prefill_chunks, engine._cache.reallocations,
+                                                      engine._cache.capacity)), put(delta))
+            assert engine.generate(ids, GREEDY_16).collect().text
+        chunks = engine.stats().prefill_chunks
+        assert chunks == chunks_of(len(ids)) > 2
+        during = [(r, c) for k, r, c in seen if k >= 1]
+        assert during and all(c > len(ids) for _, c in during)  # wide enough from the first chunk on
+        assert len({r for r, _ in during}) == 1  # and not reallocated since, the join included
+        assert any(k == chunks for k, _, _ in seen)  # the stream decoded after the join
+    finally:
+        engine.shutdown()
+
+
 def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole(kernel):
     engine = LocalEngine(kernel.engine.loaded, prefill_chunk_tokens=CHUNK, prefill_chunk_seconds=0)
     try:

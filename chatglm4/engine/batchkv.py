@@ -86,6 +86,16 @@ class BatchKV:
         self.lengths = torch.cat([self.lengths, torch.tensor(lengths, dtype=torch.long)])
         self.width = max(self.width, round_up(max(lengths) + 1))
 
+    def make_room(self, rows: int, positions: int) -> bool:
+        """Grows the buffers now if they cannot hold `rows` rows of `positions` positions (for a long
+        prompt that will join later: growing is then a step's work of its own instead of part of the
+        step that joins it); True if they grew. The views the model sees keep their width."""
+        width = round_up(positions)
+        if not self.keys or (rows <= self.slots and width <= self.capacity):
+            return False
+        self._grow(rows, width, len(self.keys), self.keys[0])
+        return True
+
     def keep(self, rows: list[int]) -> list[int]:
         """Drops every row not listed (finished or cancelled sequences). Each hole is filled by moving
         the last kept row into it, so the order changes: returns, for each slot now, its old row."""

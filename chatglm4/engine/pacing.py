@@ -42,7 +42,6 @@ class ChunkPacer:
         self._xx = np.zeros((3, 3))  # decayed sum of x xᵀ
         self._xy = np.zeros(3)  # decayed sum of x y
         self._coef: np.ndarray | None = None
-        self.observations = 0
 
     def observe(self, start: int, tokens: int, seconds: float, rows: int = 1) -> None:
         """Records that a forward over `tokens` new tokens after `start` cached ones took `seconds`
@@ -56,7 +55,6 @@ class ChunkPacer:
         self._xy = DECAY * self._xy + x * seconds
         # Negative costs are noise: clipped, every term grows with the chunk, so `tokens` can bisect.
         self._coef = np.clip(np.linalg.solve(self._xx + RIDGE * np.eye(3), self._xy), 0.0, None)
-        self.observations += 1
 
     def predict(self, start: int, tokens: int) -> float | None:
         """Predicted seconds of a forward over `tokens` after `start`; None before any observation."""

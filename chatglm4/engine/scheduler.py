@@ -320,8 +320,9 @@ class LocalEngine:
             seq.stream.put(seq.delta("", FinishReason.CANCELLED))
         chunked = [s for s in self._pending if s.last_logits is not None]
         if chunked:
-            # Joining widens every row's cache to the long prompt's length, which costs about as much
-            # as a chunk: it is a step's prefill work of its own, not an addition to the last chunk's.
+            # Joining copies the prompt's cache into the batch's (grown for it before its first chunk)
+            # and widens every row's view to its length: a step's prefill work of its own, not an
+            # addition to the last chunk's.
             for seq in chunked:
                 self._join_chunked(seq)
             return
@@ -331,7 +332,20 @@ class LocalEngine:
         if whole:
             self._prefill(whole)
         if chunk is not None:
-            self._prefill_chunk(*chunk)
+            seq = chunk[0]
+            # The batch's cache must be as wide as the prompt when it joins. Growing it there would
+            # add to the join step, which also runs the first decode step at the new width (on 2 cores
+            # beside a 3,181-token prompt, that step was the longest pause): before the first chunk,
+            # growing is this step's prefill work instead.
+            try:
+                grew = seq.kv is None and self._cache.make_room(self._cache.rows + 1, seq.n_prompt + 1)
+            except Exception as exc:  # no memory for its width: this request alone (the buffers are as they were)
+                log.exception("prefill failed")
+                self._pending.remove(seq)
+                seq.stream.fail(EngineError(f"generation failed: {exc}"))
+                return
+            if not grew:
+                self._prefill_chunk(*chunk)
 
     def _step_budget(self, unchunked: int, start: int = 0) -> int:
         """Prompt tokens this step may prefill from position `start` of a prompt: the chunk budget

@@ -332,20 +332,7 @@ class LocalEngine:
         if whole:
             self._prefill(whole)
         if chunk is not None:
-            seq = chunk[0]
-            # The batch's cache must be as wide as the prompt when it joins. Growing it there would
-            # add to the join step, which also runs the first decode step at the new width (on 2 cores
-            # beside a 3,181-token prompt, that step was the longest pause): before the first chunk,
-            # growing is this step's prefill work instead.
-            try:
-                grew = seq.kv is None and self._cache.make_room(self._cache.rows + 1, seq.n_prompt + 1)
-            except Exception as exc:  # no memory for its width: this request alone (the buffers are as they were)
-                log.exception("prefill failed")
-                self._pending.remove(seq)
-                seq.stream.fail(EngineError(f"generation failed: {exc}"))
-                return
-            if not grew:
-                self._prefill_chunk(*chunk)
+            self._prefill_chunk(*chunk)
 
     def _step_budget(self, unchunked: int, start: int = 0) -> int:
         """Prompt tokens this step may prefill from position `start` of a prompt: the chunk budget
@@ -430,7 +417,8 @@ class LocalEngine:
 
     def _prefill_chunk(self, seq: _Sequence, tokens: int) -> None:
         """Computes the next `tokens` prompt tokens of `seq` into its own cache (after the last chunk,
-        the logits of its first token too). A failure fails this request alone."""
+        the logits of its first token too), or, before its first, grows the batch's cache for it. A
+        failure fails this request alone."""
         try:
             self._compute_chunk(seq, tokens)
         except Exception as exc:  # its own prompt or cache: the running batch is untouched
@@ -445,6 +433,12 @@ class LocalEngine:
 
         model, device = self.loaded.model, self.loaded.input_device
         if seq.kv is None:
+            # The batch's cache must be as wide as the prompt when it joins. Growing it there would
+            # add to the join step, which also runs the first decode step at the new width (on 2 cores
+            # beside a 3,181-token prompt, that step was the longest pause): before the first chunk,
+            # growing is this step's prefill work instead (a failure to grow fails this request alone).
+            if self._cache.make_room(self._cache.rows + 1, seq.n_prompt + 1):
+                return
             seq.kv, seq.prefix = PromptKV(seq.n_prompt, seq.prefix), None
         kv = seq.kv
         start, end = kv.length, kv.length + tokens

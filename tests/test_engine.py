@@ -413,6 +413,27 @@ def test_packed_linears_compute_as_plain_ones_and_a_row_alone_as_in_a_batch(dtyp
     assert all(torch.equal(alone[r][0], packed[r]) for r in range(8))
 
 
+def test_fused_projections_compute_what_the_separate_ones_do(kernel):
+    """q, k and v as one product, gate and up as another (engine/fusion.py): the session's model gives
+    the same logits, bit for bit, and the same greedy text as the model loaded with them apart."""
+    import torch
+
+    from chatglm4.engine import modelload
+    from chatglm4.engine.fusion import FusedAttention, FusedMLP
+
+    fused = kernel.engine.loaded.model
+    assert all(isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, FusedMLP)
+               for layer in fused.model.layers)
+    apart = modelload.load(None, dtype=str(fused.dtype).removeprefix("torch."), fuse=False).model
+    assert not isinstance(apart.model.layers[0].self_attn, FusedAttention)
+    assert hasattr(apart.model.layers[0].self_attn, "q_proj") and not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    ids = torch.tensor([kernel.engine.encode_chat([{"role": "user", "content": "Why is the sea salty?"}])])
+    with torch.inference_mode():
+        assert torch.equal(fused(input_ids=ids).logits, apart(input_ids=ids).logits)
+        texts = [m.generate(ids, max_new_tokens=12, do_sample=False) for m in (fused, apart)]
+    assert torch.equal(texts[0], texts[1])
+
+
 def test_cpu_attention_does_not_depend_on_the_batch_width(kernel):
     """A prompt prefilled alone, and padded beside a longer one: the same logits, bit for bit, and
     close to what transformers' own SDPA computes."""

@@ -125,6 +125,22 @@ def test_int_weights_on_cpu_answer_the_same_alone_and_batched(folder, quantize, 
         engine.shutdown()
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_glm_attention_fused_computes_what_it_did_apart(folder, quantize):
+    """GLM's q, k and v (with their biases) as one product: the same logits, bit for bit."""
+    import torch
+
+    from chatglm4.engine.fusion import FusedAttention
+
+    fused = modelload.load(str(folder), dtype="float32", quantize=quantize)
+    apart = modelload.load(str(folder), dtype="float32", quantize=quantize, fuse=False)
+    assert isinstance(fused.model.model.layers[0].self_attn, FusedAttention)
+    assert fused.model.model.layers[0].self_attn.qkv_proj.bias is not None  # GLM has attention biases
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7]])
+    with torch.inference_mode():
+        assert torch.equal(fused.model(input_ids=ids).logits, apart.model(input_ids=ids).logits)
+
+
 def test_chat_through_the_kernel(kernel):
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "你好"}], max_tokens=8)
     prompt = kernel.engine.encode_chat([{"role": "user", "content": "你好"}])

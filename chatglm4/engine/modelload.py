@@ -168,6 +168,37 @@ def _int8_linear(linear: Any) -> Any:
     return _Int8Linear(linear.weight, linear.bias)
 
 
+def _int4_linear(linear: Any) -> Any | None:
+    """An nn.Module computing a linear whose weight torchao has made an `Int4OpaqueTensor` (CPU,
+    group-wise, bf16 activations) by calling its kernel `_weight_int4pack_mm_for_cpu` directly; None
+    for a weight of any other kind.
+
+    torchao quantizes and packs; computing through its tensor subclass costs a Python dispatch per call
+    that is larger than the int4 product itself at decode sizes (211 calls per SmolLM2 step)."""
+    import torch
+
+    weight = linear.weight
+    if type(weight).__name__ != "Int4OpaqueTensor" or getattr(weight, "act_mapping_type", None) is not None \
+            or getattr(weight, "act_pre_scale", None) is not None or weight.block_size[0] != 1:
+        return None
+
+    class _Int4Linear(torch.nn.Module):
+        def __init__(self, qdata: torch.Tensor, scale_and_zero: torch.Tensor, group: int, out_features: int,
+                     bias: torch.Tensor | None):
+            super().__init__()
+            self.register_buffer("qdata", qdata)
+            self.register_buffer("scale_and_zero", scale_and_zero)
+            self.group, self.out_features, self.bias = group, out_features, bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qdata, self.group, self.scale_and_zero)
+            y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)  # the kernel pads N
+            return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    return _Int4Linear(weight.qdata, weight.scale_and_zero, weight.block_size[1], weight.shape[0], linear.bias)
+
+
 def _packed_linear(linear: Any) -> Any:
     """An nn.Module computing `linear` (float32 or bf16) through oneDNN with its weight reordered
     once into oneDNN's blocked layout, instead of `F.linear`, which reads the plain layout at every
@@ -226,13 +257,8 @@ def pack_for_cpu(model: Any) -> int:
 
     if not onednn_packs(model.dtype):
         return 0
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
-                setattr(module, name, _packed_linear(child))
-                count += 1
-    return count
+    return _replace_linears(model, lambda child: _packed_linear(child) if type(child) is torch.nn.Linear
+                            and child.weight.device.type == "cpu" else None)
 
 
 def quantize_weights(model: Any, quantize: str) -> None:
@@ -250,10 +276,7 @@ def quantize_weights(model: Any, quantize: str) -> None:
         log.info("%s on CPU: activations in bfloat16 (float32 ones take the integer kernels' slow path)", quantize)
         model.to(torch.bfloat16)
     if quantize == "int8" and device.type == "cpu":
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    setattr(module, name, _int8_linear(child))
+        _replace_linears(model, _int8_linear)
         return
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -268,6 +291,24 @@ def quantize_weights(model: Any, quantize: str) -> None:
     else:
         config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
     quantize_(model, config)
+    if device.type == "cpu":
+        _replace_linears(model, _int4_linear)
+
+
+def _replace_linears(model: Any, make: Any) -> int:
+    """Replaces each nn.Linear child of every module by `make(linear)`, where that is not None; returns
+    how many were replaced."""
+    import torch
+
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                replacement = make(child)
+                if replacement is not None:
+                    setattr(module, name, replacement)
+                    count += 1
+    return count
 
 
 def _gpu_memory_budget(gpu_ids: list[int], max_memory: dict | None, visible: int) -> dict:
@@ -295,12 +336,13 @@ def _gpu_memory_budget(gpu_ids: list[int], max_memory: dict | None, visible: int
 
 def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
          max_context: int = 0, *, quantize: str | None = None, gpus: str | None = None,
-         pack_cpu: bool = True) -> LoadedModel:
+         pack_cpu: bool = True, fuse: bool = True) -> LoadedModel:
     """Loads tokenizer and model once; raises ModelLoadError with a reason a person can act on.
 
     `quantize` ('int8' | 'int4', or the aliases '8bit' | '4bit') makes the weights weight-only
     integers after loading (`quantize_weights`); `gpus` ('0,1') restricts placement to those GPUs;
-    `pack_cpu` lets float32 and bf16 weights on CPU be packed for oneDNN (`pack_for_cpu`)."""
+    `pack_cpu` lets float32 and bf16 weights on CPU be packed for oneDNN (`pack_for_cpu`); `fuse` lets
+    the projections that share an input become one product on CPU (`fusion.fuse_projections`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -344,6 +386,10 @@ def load(model: str | None, dtype: str = "auto", max_memory: str | None = None,
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {name} from {folder}: {exc}") from exc
     model_obj.eval()
+    if fuse and not used_gpus:  # before packing or quantizing, which then treat the fused matrices whole
+        from .fusion import fuse_projections
+
+        log.info("%d layers with fused projections", fuse_projections(model_obj))
     if quantize:
         quantize_weights(model_obj, quantize)
     elif not used_gpus and pack_cpu:

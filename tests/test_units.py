@@ -221,3 +221,31 @@ def test_chunk_pacer_starts_at_full_size_and_counts_the_rows_of_a_batch():
     assert 0.02 < pacer.predict(0, 64) < 0.04  # one prompt of 64 tokens: 64 x 0.5 ms
     with pytest.raises(ValueError):
         ChunkPacer(0, 64)
+
+
+def test_the_batch_cache_shows_the_model_its_longest_row_and_grows_its_buffers_in_chunks():
+    """The width every row's attention reads follows the longest row (rounded up to 16), while the
+    buffers grow 128 positions at a time and are not reallocated as the width creeps up."""
+    import torch
+
+    from chatglm4.engine.batchkv import BatchKV
+
+    def prompt(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:  # 2 layers, 3 heads, dim 4
+        return [(torch.randn(1, 3, n, 4), torch.randn(1, 3, n, 4)) for _ in range(2)]
+
+    cache = BatchKV()
+    cache.add(prompt(30), [30])
+    cache.add(prompt(10), [10])
+    assert (cache.rows, cache.width, cache.capacity) == (2, 32, 128)
+    grown = cache.reallocations
+    for _ in range(20):  # decode steps: one position per row
+        cache.reserve(1)
+        assert cache.width >= int(cache.lengths.max()) + 1 and cache.width % 16 == 0
+        assert cache.width - (int(cache.lengths.max()) + 1) < 16
+        assert cache.decode_mask("sdpa", torch.float32, "cpu").shape == (2, 1, 1, cache.width)
+        cache.lengths += 1
+    assert (cache.width, cache.capacity, cache.reallocations) == (64, 128, grown)
+    cache.lengths[0] = 128
+    cache.reserve(1)  # position 128 (the 129th) does not fit: the buffers grow by a chunk, keeping the rows
+    assert (cache.width, cache.capacity, cache.reallocations) == (128 + 16, 256, grown + 1)
+    assert cache.keep([1]) == [1] and cache.width == 32  # the long row left: back to the short one's

@@ -4,8 +4,8 @@ query, key and value, and the MLP's gate and up. One product over the stacked we
 
 Why: on a CPU at decode sizes every linear call has a fixed cost, and a small matrix streams from
 memory more slowly than a large one. SmolLM2-135M in float32 on 2 cores (packed for oneDNN): 7 calls
-per layer read its 425 MB of layer weights at 18.8 GB/s, 4 calls at 21.2 GB/s, and a one-row decode
-step went from 46 ms to 39.5 ms. Each output is the same dot product over the same inputs as before,
+per layer read its 425 MB of layer weights at 18.8 GB/s, 4 calls at 21.2 GB/s; a decode step of one
+row went from 47.3 to 43.4 ms, of 32 rows from 173 to 167 ms (medians of 6, same process). Each output is the same dot product over the same inputs as before,
 so the results are the same numbers (a test compares them bit for bit); weight-only int8 and int4
 quantize per output row, so they quantize a fused matrix exactly as they would its parts.
 

@@ -249,3 +249,50 @@ def test_the_batch_cache_shows_the_model_its_longest_row_and_grows_its_buffers_i
     cache.reserve(1)  # position 128 (the 129th) does not fit: the buffers grow by a chunk, keeping the rows
     assert (cache.width, cache.capacity, cache.reallocations) == (128 + 16, 256, grown + 1)
     assert cache.keep([1]) == [1] and cache.width == 32  # the long row left: back to the short one's
+
+
+def test_a_row_that_fills_the_buffers_gets_room_after_others_leave():
+    """A row whose length reached the buffers' capacity, then a finished row leaving: the next step
+    must grow the buffers before writing (it used to write past their end: an IndexError that failed
+    every running request)."""
+    import torch
+
+    from chatglm4.engine.batchkv import BatchKV
+
+    cache = BatchKV()
+    cache.add([(torch.zeros(1, 1, 127, 2), torch.zeros(1, 1, 127, 2))], [127])
+    cache.add([(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))], [5])
+    cache.reserve(1)
+    cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
+    cache.lengths += 1
+    assert int(cache.lengths.max()) == cache.capacity == 128
+    cache.keep([0])
+    cache.reserve(1)
+    keys, _ = cache.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
+    assert cache.capacity > 128 and keys.shape[2] == cache.width >= 129 and keys[0, 0, 128].eq(1).all()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_batch_cache_keeps_room_for_the_next_position_whatever_joins_and_leaves(seed):
+    import random
+
+    import torch
+
+    from chatglm4.engine.batchkv import BatchKV
+
+    rng = random.Random(seed)
+    cache = BatchKV(max_slots=8, max_tokens=8 * 1024)
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.15 and cache.rows < 8:
+            n = rng.choice([5, 30, 120, 300, 500])
+            cache.add([(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))], [n])
+        elif op < 0.2 and cache.rows < 8:
+            cache.make_room(cache.rows + 1, rng.choice([100, 300, 600]) + 1)
+        elif op < 0.3 and cache.rows:
+            cache.keep([r for r in range(cache.rows) if rng.random() < 0.7])
+        elif cache.rows:
+            cache.reserve(1)
+            keys, _ = cache.update(torch.zeros(cache.rows, 1, 1, 2), torch.zeros(cache.rows, 1, 1, 2), 0)
+            assert int(cache.lengths.max()) < cache.width == keys.shape[2] <= cache.capacity
+            cache.lengths += 1

@@ -124,12 +124,15 @@ class BatchKV:
         self.lengths = self.lengths[torch.tensor(order, dtype=torch.long)]
         # The views narrow to the rows that stay: once a long prompt's row leaves, the others' decode
         # steps stop reading its width (with one 3,000-token row gone, 4 short rows decode in 0.16 s, not 0.3 s).
-        self.width = align(int(self.lengths.max()) + 1) if order else 0
+        # The positions in use; the next step's reserve() makes room for the one it writes (here, one
+        # more could pass the buffers' capacity without growing them).
+        self.width = align(int(self.lengths.max())) if order else 0
         return order
 
     def _widen(self, need: int) -> None:
-        if need > self.width:
+        if need > self.capacity:
             self._grow(self.rows, round_up(need), len(self.keys), self.keys[0])
+        if need > self.width:
             self.width = align(need)
 
     def _grow(self, slots: int, width: int, layers: int, like: torch.Tensor) -> None:

@@ -296,3 +296,31 @@ def test_the_batch_cache_keeps_room_for_the_next_position_whatever_joins_and_lea
             keys, _ = cache.update(torch.zeros(cache.rows, 1, 1, 2), torch.zeros(cache.rows, 1, 1, 2), 0)
             assert int(cache.lengths.max()) < cache.width == keys.shape[2] <= cache.capacity
             cache.lengths += 1
+
+
+def test_trimming_the_heap_gives_freed_memory_back():
+    """What the engine does when it goes idle (engine/heap.py): memory freed by a burst stops
+    counting in the process's RSS. Run in a fresh interpreter, whose heap holds nothing else."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RSS is read from /proc")
+    code = """
+from chatglm4.engine import heap
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+blocks = [bytearray(64 * 1024) for _ in range(4000)]  # 250 MiB in pieces under glibc's mmap threshold
+keep = blocks[::50]  # a few stay alive, so the heap cannot simply shrink from its top
+del blocks
+held = rss()
+print(heap.trim(), held, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    trimmed, held, after = out.stdout.split()
+    if trimmed != "True":
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    assert float(held) - float(after) > 150, (held, after)

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import Delta, EngineBusy, EngineError, EngineStats, FinishReason, GenerationStream
 from .detok import IncrementalDecoder, StopStrings
-from . import gendefaults
+from . import gendefaults, heap
 from .logits import LogitsAdjuster, needs_adjusting, top_logprobs
 from .modelload import EMBEDDED_NAME, LoadedModel
 from .sampling import SamplingParams, next_token
@@ -221,9 +221,14 @@ class LocalEngine:
     def _run(self) -> None:
         import torch
 
+        trimmed_at = 0  # tokens generated when the heap was last trimmed
         while not self._stopping.is_set():
+            idle = not self._batch and not self._pending
+            if idle and self._tokens_generated != trimmed_at and self._queue.empty():
+                heap.trim()  # about to wait for work: give what the last burst freed back to the OS
+                trimmed_at = self._tokens_generated
             try:
-                self._admit(block=not self._batch and not self._pending)
+                self._admit(block=idle)
                 with torch.inference_mode():
                     if self._pending:
                         self._prefill_step()

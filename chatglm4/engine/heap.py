@@ -1,0 +1,34 @@
+"""Returns the C heap's free memory to the operating system when the engine goes idle.
+
+A burst of requests leaves freed activations, sampling buffers and request objects in glibc's heap
+(and in the per-thread arenas of the server's many request threads); glibc keeps that memory mapped,
+so the model server's RSS stayed at its peak after a 200-client soak. `malloc_trim(0)` gives the free
+pages back. Elsewhere than glibc (macOS, musl) this does nothing."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim() -> bool:
+    """Releases free heap memory; True where the C library could (glibc)."""
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn(0)
+    return True

@@ -10,18 +10,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
-
-log = logging.getLogger(__name__)
+from typing import Any
 
 
 @functools.cache
-def _malloc_trim():
+def _malloc_trim() -> Any:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        fn = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # not glibc
         return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def trim() -> bool:
@@ -29,6 +30,5 @@ def trim() -> bool:
     fn = _malloc_trim()
     if fn is None:
         return False
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     fn(0)
     return True

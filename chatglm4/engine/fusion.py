@@ -82,6 +82,7 @@ class FusedAttention(torch.nn.Module):
         self.o_proj = attn.o_proj
         self._rotary = _module_level(attn, "apply_rotary_pos_emb")
         self._eager = _module_level(attn, "eager_attention_forward")
+        self.train(attn.training)  # a new module starts in training mode: dropout in attention
 
     def forward(self, hidden_states: Any, position_embeddings: Any = None, attention_mask: Any = None,
                 past_key_values: Any = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -112,6 +113,7 @@ class FusedMLP(torch.nn.Module):
         self.inner = mlp.gate_proj.out_features
         self.gate_up_proj = _stack([mlp.gate_proj, mlp.up_proj])
         self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
+        self.train(mlp.training)
 
     def forward(self, x: Any) -> Any:
         gate, up = self.gate_up_proj(x).split(self.inner, dim=-1)

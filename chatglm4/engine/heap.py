@@ -8,20 +8,17 @@ pages back. Elsewhere than glibc (macOS, musl) this does nothing."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from typing import Any
 
 
 @functools.cache
 def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
+    try:  # the process's own symbols, which include the C library's (no ldconfig lookup)
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
 
 

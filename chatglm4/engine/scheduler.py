@@ -224,10 +224,10 @@ class LocalEngine:
         trimmed_at = 0  # tokens generated when the heap was last trimmed
         while not self._stopping.is_set():
             idle = not self._batch and not self._pending
-            if idle and self._tokens_generated != trimmed_at and self._queue.empty():
-                heap.trim()  # about to wait for work: give what the last burst freed back to the OS
-                trimmed_at = self._tokens_generated
             try:
+                if idle and self._tokens_generated != trimmed_at and self._queue.empty():
+                    heap.trim()  # about to wait for work: give what the last burst freed back to the OS
+                    trimmed_at = self._tokens_generated
                 self._admit(block=idle)
                 with torch.inference_mode():
                     if self._pending:

@@ -223,6 +223,13 @@ def test_chunk_pacer_starts_at_full_size_and_counts_the_rows_of_a_batch():
         ChunkPacer(0, 64)
 
 
+def prefilled(n: int, layers: int = 1, heads: int = 1, dim: int = 2) -> list:
+    """A prefill cache of one prompt of n tokens, as BatchKV.add takes it: per layer (K, V)."""
+    import torch
+
+    return [(torch.randn(1, heads, n, dim), torch.randn(1, heads, n, dim)) for _ in range(layers)]
+
+
 def test_the_batch_cache_shows_the_model_its_longest_row_and_grows_its_buffers_in_chunks():
     """The width every row's attention reads follows the longest row (rounded up to 16), while the
     buffers grow 128 positions at a time and are not reallocated as the width creeps up."""
@@ -230,12 +237,9 @@ def test_the_batch_cache_shows_the_model_its_longest_row_and_grows_its_buffers_i
 
     from chatglm4.engine.batchkv import BatchKV
 
-    def prompt(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:  # 2 layers, 3 heads, dim 4
-        return [(torch.randn(1, 3, n, 4), torch.randn(1, 3, n, 4)) for _ in range(2)]
-
     cache = BatchKV()
-    cache.add(prompt(30), [30])
-    cache.add(prompt(10), [10])
+    cache.add(prefilled(30, layers=2, heads=3, dim=4), [30])
+    cache.add(prefilled(10, layers=2, heads=3, dim=4), [10])
     assert (cache.rows, cache.width, cache.capacity) == (2, 32, 128)
     grown = cache.reallocations
     for _ in range(20):  # decode steps: one position per row
@@ -260,8 +264,8 @@ def test_a_row_that_fills_the_buffers_gets_room_after_others_leave():
     from chatglm4.engine.batchkv import BatchKV
 
     cache = BatchKV()
-    cache.add([(torch.zeros(1, 1, 127, 2), torch.zeros(1, 1, 127, 2))], [127])
-    cache.add([(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))], [5])
+    cache.add(prefilled(127), [127])
+    cache.add(prefilled(5), [5])
     cache.reserve(1)
     cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
     cache.lengths += 1
@@ -286,7 +290,7 @@ def test_the_batch_cache_keeps_room_for_the_next_position_whatever_joins_and_lea
         op = rng.random()
         if op < 0.15 and cache.rows < 8:
             n = rng.choice([5, 30, 120, 300, 500])
-            cache.add([(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))], [n])
+            cache.add(prefilled(n), [n])
         elif op < 0.2 and cache.rows < 8:
             cache.make_room(cache.rows + 1, rng.choice([100, 300, 600]) + 1)
         elif op < 0.3 and cache.rows:

@@ -96,11 +96,11 @@ class BatchKV:
         """Grows the buffers now if they cannot hold `rows` rows of `positions` positions (for a long
         prompt that will join later: growing is then a step's work of its own instead of part of the
         step that joins it); True if they grew. The views the model sees keep their width."""
-        width = round_up(positions)
-        if not self.keys or (rows <= self.slots and width <= self.capacity):
+        if not self.keys:
             return False
-        self._grow(rows, width, len(self.keys), self.keys[0])
-        return True
+        before = self.reallocations
+        self._grow(rows, round_up(positions), len(self.keys), self.keys[0])
+        return self.reallocations != before
 
     def keep(self, rows: list[int]) -> list[int]:
         """Drops every row not listed (finished or cancelled sequences). Each hole is filled by moving
@@ -130,8 +130,7 @@ class BatchKV:
         return order
 
     def _widen(self, need: int) -> None:
-        if need > self.capacity:
-            self._grow(self.rows, round_up(need), len(self.keys), self.keys[0])
+        self._grow(self.rows, round_up(need), len(self.keys), self.keys[0])  # if the buffers lack room
         if need > self.width:
             self.width = align(need)
 

@@ -16,6 +16,10 @@ class Growable:
 
     def _new(self, rows: int, dtype) -> np.ndarray:
         shape = (rows,) if self.width is None else (rows, self.width)
+        if self.fill == 0:
+            # np.zeros takes pages the OS zeroes when first touched, so the half a doubling reserves
+            # costs no memory or time until rows reach it; np.full writes (and so commits) all of it.
+            return np.zeros(shape, dtype=dtype)
         return np.full(shape, self.fill, dtype=dtype)
 
     def ensure(self, n: int) -> None:

@@ -1,6 +1,6 @@
 """Where book embeddings live: on disk, keyed by model and content, so none is computed twice
 (not at the next start, not for a book whose text did not change); in memory, one matrix per model
-with a row per indexed book."""
+with a row per vector held."""
 
 from __future__ import annotations
 
@@ -61,42 +61,60 @@ class EmbeddingCache:
 
 
 class VectorRows:
-    """One model's vectors by row (rows as the lexical index numbers them); rows without a vector yet
-    are marked and left out of the statistics."""
+    """One model's vectors for rows as the lexical index numbers them; rows without a vector yet are
+    marked and left out of the statistics.
+
+    The vectors are stored in the order they arrive, not at their row. While a large import's backlog
+    is embedded, a book added now gets a row past every imported one and its vector at once: a matrix
+    indexed by row then had to hold every row below it (1,000,000 x (384 + 512) float32 is 3.5 GB,
+    written while the request waited, then 7 GB when the next book doubled it). Here memory and
+    scoring follow the vectors held."""
 
     def __init__(self, dim: int):
         self.dim = dim
-        self._matrix = Growable(np.float32, width=dim)
-        self._has = Growable(np.bool_, False)
+        self._matrix = Growable(np.float32, width=dim)   # slot -> vector
+        self._row = Growable(np.int64)                   # slot -> its row; -1 once dropped
+        self._slot = Growable(np.int32)                  # row -> its slot + 1; 0: no vector
+        self._slots = 0
         self.filled = 0
-        self._high = 0  # one past the highest row with a vector: the matrix is only read up to it
         self._lock = threading.Lock()
 
     def put(self, rows: list[int], vectors: np.ndarray) -> None:
+        """Sets the vectors of `rows` (distinct), replacing any they had."""
+        at = np.asarray(rows, dtype=np.int64)
         with self._lock:
-            self._matrix.ensure(max(rows) + 1)
-            self._has.ensure(max(rows) + 1)
-            new = int((~self._has.data[rows]).sum())
-            self._matrix.data[rows] = vectors
-            self._has.data[rows] = True
-            self.filled += new
-            self._high = max(self._high, max(rows) + 1)
+            self._slot.ensure(int(at.max()) + 1)
+            slots = self._slot.data[at].astype(np.int64) - 1
+            new = slots < 0
+            added = int(new.sum())
+            slots[new] = np.arange(self._slots, self._slots + added)
+            self._slots += added
+            self._matrix.ensure(self._slots)
+            self._row.ensure(self._slots)
+            self._matrix.data[slots] = vectors
+            self._row.data[slots] = at
+            self._slot.data[at] = slots + 1
+            self.filled += added
 
     def drop(self, row: int) -> None:
+        # The slot stays taken until the index is rebuilt (as the lexical index's dead rows do).
         with self._lock:
             if self.has(row):
-                self._has.data[row] = False
+                self._row.data[self._slot.data[row] - 1] = -1
+                self._slot.data[row] = 0
                 self.filled -= 1
 
     def has(self, row: int) -> bool:
-        return row < len(self._has.data) and bool(self._has.data[row])
+        return row < len(self._slot.data) and bool(self._slot.data[row])
 
     def scores(self, query: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosine of every row 0..rows-1 with the query, mask of rows that have a vector)."""
         cos = np.zeros(rows, dtype=np.float32)
         has = np.zeros(rows, dtype=np.bool_)
         with self._lock:
-            high = min(rows, self._high)
-            cos[:high] = self._matrix.data[:high] @ query
-            has[:high] = self._has.data[:high]
+            held = self._matrix.data[:self._slots] @ query
+            at = self._row.data[:self._slots]
+            keep = (at >= 0) & (at < rows)
+            cos[at[keep]] = held[keep]
+            has[at[keep]] = True
         return cos, has

@@ -265,7 +265,8 @@ def load_kernel(config: cfg.ModelServerConfig) -> Kernel:
     engine = LocalEngine(loaded, max_waiting=config.max_waiting, max_batch=config.max_batch,
                          prefix_cache_tokens=config.prefix_cache_tokens,
                          prefill_chunk_tokens=config.prefill_chunk_tokens, kv_cache_tokens=config.kv_cache_tokens,
-                         prefill_chunk_seconds=config.prefill_chunk_seconds)
+                         prefill_chunk_seconds=config.prefill_chunk_seconds,
+                         compile_decode=config.compile == "on")
     kernel = Kernel(engine, default_max_tokens=config.default_max_tokens,
                     default_temperature=config.default_temperature, candidate_limit=config.search_candidates)
     try:

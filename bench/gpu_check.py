@@ -1,13 +1,15 @@
 """Times the full-size glm-4-9b-chat-hf architecture on this machine's GPU(s), without downloading it.
 
     python bench/gpu_check.py [--batch 32] [--prompt-tokens 512] [--new-tokens 128] [--gpus 0]
+                              [--compile eager|compiled|both]
 
 Builds `GlmForCausalLM` from glm-4-9b-chat-hf's published configuration with random bf16 weights made
 directly on the GPU(s), serves it through the model server's own engine (`LocalEngine`), and prints
 the memory used per GPU, the time to first token, and the decode speed at batch 1 and at batch
 `--batch` (that many concurrent requests through the engine), each next to its memory-bandwidth
 floor: the bytes a decode step must read (every weight once, plus the KV cache) divided by the
-device-to-device copy bandwidth measured here. Token ids come from the small test tokenizer
+device-to-device copy bandwidth measured here; by default twice, with the decode step eager and
+compiled (`COMPILE=on`, `chatglm4/engine/compiled.py`). Token ids come from the small test tokenizer
 (tests/tiny_glm.py): only the timing matters, and random weights write noise anyway.
 
 Exits with a message (status 2) when no CUDA GPU is present. Writes nothing to disk."""
@@ -125,7 +127,7 @@ def build_random_model(config: Any, device_map: dict[str, Any] | None = None, gp
     return model.eval()
 
 
-def serve(model: Any, context: int, batch: int) -> Any:
+def serve(model: Any, context: int, batch: int, compile_decode: bool = False) -> Any:
     """The model server's engine around `model`, with the small test tokenizer for token ids."""
     import tiny_glm
     from chatglm4.engine.scheduler import LocalEngine
@@ -134,7 +136,7 @@ def serve(model: Any, context: int, batch: int) -> Any:
     loaded = LoadedModel(model=model, tokenizer=tiny_glm.build_tokenizer(), name="glm-4-9b-chat-hf (random bf16)",
                          context_length=context, stop_token_ids=list(model.config.eos_token_id),
                          input_device=model.get_input_embeddings().weight.device)
-    return LocalEngine(loaded, max_waiting=max(64, batch), max_batch=batch)
+    return LocalEngine(loaded, max_waiting=max(64, batch), max_batch=batch, compile_decode=compile_decode)
 
 
 # ------------------------------------------------------------------ measurements
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length per request (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens each request decodes (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per batch size; the median is shown (default 3)")
+    parser.add_argument("--compile", choices=("eager", "compiled", "both"), default="both",
+                        help="the decode step eager, compiled (COMPILE=on), or each in turn (default both)")
     parser.add_argument("--gpus", help="comma-separated GPU indices to use (default: all visible)")
     return parser
 
@@ -304,14 +308,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         weights_by_gpu[p.device.index] = weights_by_gpu.get(p.device.index, 0) + p.numel() * p.element_size()
     n_params = sum(p.numel() for p in model.parameters())
-    engine = serve(model, context, args.batch)
-    try:
-        for batch in (1, args.batch):  # warm-up: kernels, the allocator, the engine's batch shapes
-            median_run(engine, batch, 16, 4, 1)
-        single = median_run(engine, 1, args.prompt_tokens, args.new_tokens, args.repeats)
-        batched = median_run(engine, args.batch, args.prompt_tokens, args.new_tokens, args.repeats)
-    finally:
-        engine.shutdown()
+    runs: dict[str, tuple[Run, Run]] = {}
+    for step in (["eager", "compiled"] if args.compile == "both" else [args.compile]):
+        t0 = time.monotonic()
+        engine = serve(model, context, args.batch, compile_decode=step == "compiled")
+        log.info("%s engine ready in %.0f s", step, time.monotonic() - t0)
+        try:
+            for batch in (1, args.batch):  # warm-up: kernels, the allocator, the engine's batch shapes
+                median_run(engine, batch, 16, 4, 1)
+            runs[step] = (median_run(engine, 1, args.prompt_tokens, args.new_tokens, args.repeats),
+                          median_run(engine, args.batch, args.prompt_tokens, args.new_tokens, args.repeats))
+        finally:
+            engine.shutdown()
 
     kv_token = bytes_per_token_of_kv(config)
     mean_context = args.prompt_tokens + args.new_tokens / 2
@@ -322,14 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     print("copy bandwidth: " + ", ".join(f"GPU {i} {bw / 1e9:.0f} GB/s" for i, bw in bandwidth.items()))
     print(f"requests: {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens each, greedy, "
           f"median of {args.repeats}")
-    for run in (single, batched):
-        floor = step_floor_s(weights_by_gpu, bandwidth, int(kv_token * mean_context * run.batch))
-        ceiling = run.batch / floor
-        ttft = sorted(run.ttft_s)
-        print(f"batch {run.batch:>3}: time to first token {statistics.median(ttft) * 1000:.0f} ms median, "
-              f"{ttft[-1] * 1000:.0f} ms max; decode {run.decode_tokens_per_s:.1f} tokens/s "
-              f"({run.decode_tokens_per_s / run.batch:.1f} per request); bandwidth floor {floor * 1000:.2f} ms "
-              f"per step = at most {ceiling:.0f} tokens/s; {100 * run.decode_tokens_per_s / ceiling:.0f}% of it")
+    for step, pair in runs.items():
+        for run in pair:
+            floor = step_floor_s(weights_by_gpu, bandwidth, int(kv_token * mean_context * run.batch))
+            ceiling = run.batch / floor
+            ttft = sorted(run.ttft_s)
+            print(f"{step} batch {run.batch:>3}: time to first token {statistics.median(ttft) * 1000:.0f} ms median, "
+                  f"{ttft[-1] * 1000:.0f} ms max; decode {run.decode_tokens_per_s:.1f} tokens/s "
+                  f"({run.decode_tokens_per_s / run.batch:.1f} per request); bandwidth floor {floor * 1000:.2f} ms "
+                  f"per step = at most {ceiling:.0f} tokens/s; {100 * run.decode_tokens_per_s / ceiling:.0f}% of it")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`make bench`: our model server, llama.cpp's llama-server (bench/llama_peer.py), the serial
 baseline and `transformers serve --continuous-batching` on the same model, the same prompt and the
 same forced number of generated tokens, in one run; ours and llama-server at float32, bf16 and int4
-side by side (ours at int8 too); then book search and the gateway's added latency, memory before and
+side by side (ours at int8 too, and at float32 and bf16 with the decode step compiled, `--compile on`);
+then book search and the gateway's added latency, memory before and
 after a 200-client soak (bench/soak.py), and a long prompt arriving while streams decode
 (bench/prefill_gap.py: chunks paced by time, of a fixed size, and off). Writes bench/results.md.
 
@@ -138,7 +139,13 @@ def bench_ours(quick: bool) -> tuple[list[dict], dict]:
 
 # Our server at the other precisions (`DTYPE`, `QUANTIZE`), throughput only: float32 is bench_ours.
 FP32 = ["--dtype", "float32"]
-PRECISIONS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
+# "+compile": the same with the decode step compiled (`--compile on`), beside the same llama-server row.
+COMPILE = ["--compile", "on"]
+# fp32+compile first: it follows llama-server's float32 row, as bf16+compile and int4+compile follow
+# their precision's llama-server row.
+PRECISIONS = {"fp32+compile": [*FP32, *COMPILE], "bf16": ["--dtype", "bfloat16"],
+              "bf16+compile": ["--dtype", "bfloat16", *COMPILE], "int8": ["--quantize", "int8"],
+              "int4": ["--quantize", "int4"], "int4+compile": ["--quantize", "int4", *COMPILE]}
 
 
 def bench_precisions(quick: bool, precisions: dict[str, list[str]]) -> list[dict]:
@@ -148,7 +155,7 @@ def bench_precisions(quick: bool, precisions: dict[str, list[str]]) -> list[dict
         ms = Proc([sys.executable, "LLMapis.py", "--port", str(port), "--max-batch", "32", "--max-waiting", "256",
                    *flags], f"http://127.0.0.1:{port}", f"bench-model-server-{name}.log")
         try:
-            ms.wait()
+            ms.wait(timeout=1800 if "--compile" in flags else 600)  # a compiled step compiles first
             rows += measure("chatglm4-web (ours)" if name == "fp32" else f"chatglm4-web (ours, {name})", ms.url, quick)
         finally:
             ms.stop()
@@ -176,8 +183,9 @@ def bench_llama(quick: bool, precision: str) -> tuple[list[dict], str]:
 
 
 def bench_engines(quick: bool, skip_llama: bool) -> tuple[list[dict], str]:
-    """Ours at bf16, int8 and int4, each followed at once by llama-server at the same precision, so
-    that a pair shares the machine's state of the moment (float32's pair follows bench_ours)."""
+    """Ours at each of PRECISIONS; bf16 and int4 followed at once by llama-server at the same precision,
+    so that a pair shares the machine's state of the moment (float32's pair follows bench_ours, and
+    fp32+compile follows that)."""
     import llama_peer
 
     rows, notes = [], []
@@ -264,11 +272,16 @@ def precision_of(server: str) -> str | None:
     return None
 
 
+def base(precision: str) -> str:
+    """The precision a variant of ours runs at: "bf16+compile" → bf16."""
+    return precision.split("+")[0]
+
+
 def side_by_side(rows: list[dict]) -> list[str]:
     """Ours beside llama-server at each precision both ran: tok/s at each concurrency."""
     ours = {(precision_of(r["server"]), r["c"]): r for r in rows if r["server"].startswith("chatglm4-web")}
     peer = {(precision_of(r["server"]), r["c"]): r for r in rows if r["server"].startswith("llama-server")}
-    keys = [k for k in ours if k in peer]
+    keys = [(p, c) for p, c in ours if (base(p), c) in peer]
     if not keys:
         return []
     lines = ["", "Ours beside llama.cpp's llama-server (`--parallel 32`) on the same weights at the same precision "
@@ -276,7 +289,7 @@ def side_by_side(rows: list[dict]) -> list[str]:
              "", "| precision | concurrency | ours tok/s | llama-server tok/s | ours / llama-server | ours p95 TTFT ms | llama-server p95 TTFT ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p, c in keys:
-        a, b = ours[(p, c)], peer[(p, c)]
+        a, b = ours[(p, c)], peer[(base(p), c)]
         lines.append(f"| {p} | {c} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} "
                      f"| {a['ttft95'] * 1000:.0f} | {b['ttft95'] * 1000:.0f} |")
     return lines

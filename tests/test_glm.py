@@ -272,3 +272,33 @@ def test_glm4_tool_call_in_its_own_format_streamed_through_the_model_server(kern
     assert (name, finish) == ("get_forecast", "tool_calls")
     value = json.loads(arguments)
     assert value["unit"] in ("c", "f") and isinstance(value["tomorrow"], bool) and len(value) == 2
+
+
+def test_compiled_decode_answers_alone_as_batched_without_compiling_while_serving(folder):
+    """COMPILE=on: the warm-up compiles every graph decode steps need, so serving compiles none (a
+    compile there would fail the step); a request answers the same alone and beside others, and as
+    the eager step answers it."""
+    import torch
+
+    loaded = modelload.load(str(folder), dtype="float32")
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)  # past two width boundaries of the cache
+    eager = LocalEngine(loaded, prefix_cache_tokens=0)
+    try:
+        expected = eager.generate(ids, params).collect().text
+    finally:
+        eager.shutdown()
+    engine = LocalEngine(loaded, prefix_cache_tokens=0, compile_decode=True)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        alone = engine.generate(ids, params).collect()
+        together = [engine.generate(ids, params) for _ in range(3)]
+        longer = engine.generate(ids + ids, SamplingParams(max_tokens=8, ignore_eos=True))
+        answers = [s.collect() for s in together] + [longer.collect()]
+        assert alone.finish_reason == "length" and alone.text == expected
+        assert [a.text for a in answers[:3]] == [expected] * 3
+        assert answers[3].finish_reason == "length"
+    finally:
+        torch.compiler.set_stance("default")
+        engine.shutdown()

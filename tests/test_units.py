@@ -134,6 +134,7 @@ def test_config_precedence_cli_over_env_over_default():
     (cfg.ModelServerConfig, [], {"MAX_WAITING": "0"}, "at least 1"),
     (cfg.ModelServerConfig, ["--quantize", "3bit"], {}, "int8 or int4"),
     (cfg.ModelServerConfig, ["--gpus", "0,x"], {}, "not a GPU index"),
+    (cfg.ModelServerConfig, [], {"COMPILE": "yes"}, "choose on or off"),
 ])
 def test_config_rejects_bad_values(cls, argv, env, message):
     with pytest.raises(cfg.ConfigError, match=message):

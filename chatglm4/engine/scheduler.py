@@ -110,7 +110,8 @@ class LocalEngine:
     def __init__(self, loaded: LoadedModel, max_waiting: int = 64, max_batch: int = 32,
                  prefill_token_budget: int = 8192, prefix_cache_tokens: int = 8192,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_cache_tokens: int = 0,
-                 prefill_chunk_seconds: float = PREFILL_CHUNK_SECONDS):
+                 prefill_chunk_seconds: float = PREFILL_CHUNK_SECONDS, compile_decode: bool = False):
+        from . import compiled
         from .batchkv import BatchKV
         from .pacing import ChunkPacer
         from .prefixcache import PrefixCache
@@ -120,6 +121,12 @@ class LocalEngine:
         if prefill_chunk_seconds < 0:
             raise ValueError("prefill_chunk_seconds must be 0 (chunks of prefill_chunk_tokens) or positive")
         self.loaded = loaded
+        # What a decode step calls: the model, or the model compiled for decode steps (warmed up here,
+        # before the engine takes requests, so no request waits for a compile).
+        self._decode = loaded.model
+        if compile_decode:
+            self._decode = compiled.compile_decode(loaded.model)
+            compiled.warm_up(loaded.model, self._decode, loaded.input_device)
         self.context_length = loaded.context_length
         self.tokenizer = loaded.tokenizer
         # GLM-4 ends a tool call's turn with <|observation|>, a token of its own vocabulary.
@@ -487,15 +494,13 @@ class LocalEngine:
         """One forward pass for every running sequence."""
         import torch
 
-        model, device = self.loaded.model, self.loaded.input_device
-        self._cache.reserve(1)
+        from .compiled import decode_forward
+
+        device = self.loaded.input_device
         tokens = torch.tensor([[s.last_token] for s in self._batch], device=device)
-        mask = self._cache.decode_mask(model.config._attn_implementation, model.dtype, device)
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=self._cache.positions(device),
-                    past_key_values=self._cache, use_cache=True)
-        self._cache.lengths += 1
+        logits = decode_forward(self._decode, self.loaded.model, self._cache, tokens, device)
         self._steps += 1
-        self._sample_and_emit(out.logits[:, -1, :].float().cpu(), first=0)
+        self._sample_and_emit(logits.float().cpu(), first=0)
 
     def _sample_and_emit(self, logits: Any, first: int) -> None:
         """Chooses the next token of batch rows first.. from logits rows 0..; retires ended rows."""

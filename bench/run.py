@@ -1,7 +1,7 @@
 """`make bench`: our model server, llama.cpp's llama-server (bench/llama_peer.py), the serial
 baseline and `transformers serve --continuous-batching` on the same model, the same prompt and the
 same forced number of generated tokens, in one run; ours and llama-server at float32, bf16 and int4
-side by side (ours at int8 too, and at float32 and bf16 with the decode step compiled, `--compile on`);
+side by side (ours at int8 too, and at float32, bf16 and int4 with the decode step compiled, `--compile on`);
 then book search and the gateway's added latency, memory before and
 after a 200-client soak (bench/soak.py), and a long prompt arriving while streams decode
 (bench/prefill_gap.py: chunks paced by time, of a fixed size, and off). Writes bench/results.md.
@@ -184,8 +184,8 @@ def bench_llama(quick: bool, precision: str) -> tuple[list[dict], str]:
 
 def bench_engines(quick: bool, skip_llama: bool) -> tuple[list[dict], str]:
     """Ours at each of PRECISIONS; bf16 and int4 followed at once by llama-server at the same precision,
-    so that a pair shares the machine's state of the moment (float32's pair follows bench_ours, and
-    fp32+compile follows that)."""
+    so that a pair shares the machine's state of the moment (float32's pair follows bench_ours), and
+    each "+compile" row right after the llama-server row it is compared with."""
     import llama_peer
 
     rows, notes = [], []

@@ -54,7 +54,7 @@ class ModelServerConfig:
     kv_cache_tokens: int = setting(0, "KV_CACHE_TOKENS", "ceiling of the running batch's key/value cache, in token slots (rows × width, each row reserved to its prompt + max_tokens): requests past it wait their turn; 0 = the larger of the context and 65536")
     prefill_chunk_tokens: int = setting(64, "PREFILL_CHUNK_TOKENS", "prompt tokens prefilled per step while streams decode, so a long prompt pauses them a chunk at a time (CPU: tens, GPU: hundreds); 0 = whole prompts at once")
     prefill_chunk_seconds: float = setting(0.25, "PREFILL_CHUNK_SECONDS", "the time a chunk may take: chunks hold fewer tokens than prefill_chunk_tokens where a token costs more (deep into a long prompt, on a slow machine), sized from the timing of earlier forwards; 0 = always prefill_chunk_tokens")
-    compile: str = setting("off", "COMPILE", "on: torch.compile the decode step (compiled while the server starts: 7-8 minutes for the embedded model on 2 CPU cores; there one stream decoded 1.3-1.7x faster); off: eager")
+    compile: str = setting("off", "COMPILE", "on: torch.compile the decode step (compiled while the server starts: 6-8 minutes for the embedded model on 2 CPU cores; there one stream decoded 1.3-1.7x faster); off: eager")
     max_waiting: int = setting(64, "MAX_WAITING", "requests allowed to wait for a batch slot; past that, 503 at once")
     search_candidates: int = _search_candidates()
     served_model_name: str | None = setting(None, "SERVED_MODEL_NAME", "model id reported by /v1/models; default: from the model path")

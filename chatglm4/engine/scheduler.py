@@ -353,8 +353,8 @@ class LocalEngine:
 
     def _step_budget(self, unchunked: int, start: int = 0, waiting: int = 0) -> int:
         """Prompt tokens this step may prefill from position `start` of a prompt: while streams
-        decode, the chunk budget, once for each decoding stream per `waiting` request; else
-        `unchunked`.
+        decode, the chunk budget times the `waiting` requests per decoding stream (at least once);
+        else `unchunked`.
 
         The chunk budget bounds how long one step pauses the decoding streams. When waiting requests
         outnumber the decoding streams (a burst of new users), keeping to it would make most of
